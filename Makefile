@@ -33,7 +33,7 @@ check-export:
 	test -z "$$(git status --porcelain -- llora)" || (echo "untracked or modified files in llora/: run nbdev_export and commit" && git status --porcelain -- llora && exit 1)
 
 test-notebooks:
-	LLORA_PROGRESS=0 $(BIN)/nbdev_test --n_workers 2 --do_print --timing
+	LLORA_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --do_print --timing
 
 test-pytest:
 	LLORA_PROGRESS=0 $(BIN)/pytest -q tests

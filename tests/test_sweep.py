@@ -1,0 +1,130 @@
+"Sweep machinery: subset counts, executors (local and Ray), kill-and-resume of the shard store, selection split."
+import os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from llora.sweep import (LocalExecutor, ShardStore, get_executor, key_hash, n_subsets, run_sweep, subsets)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- subsets
+@pytest.mark.parametrize("n", range(2, 9))
+def test_subset_count(n):
+    tasks = [f"task{i}" for i in range(n)]
+    s = subsets(tasks)
+    assert len(s) == 2**n - (n + 1) == n_subsets(n)
+    assert len(set(s)) == len(s) and all(len(x) >= 2 for x in s)
+    assert [len(x) for x in s] == sorted(len(x) for x in s)
+
+
+def test_subset_max_tasks():
+    s = subsets(list("abcdefg"), max_tasks=3)
+    assert len(s) == 21 + 35 and max(map(len, s)) == 3
+
+
+# ---------------------------------------------------------------- toy job used by the kill test and executors
+def toy_job(i):
+    return [{"item": i, "j": j, "value": (i * 7919 + j) / 13} for j in range(3)]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from llora.sweep import run_sweep
+    def job(i):
+        time.sleep(float(sys.argv[3]))
+        return [{"item": i, "j": j, "value": (i * 7919 + j) / 13} for j in range(3)]
+    run_sweep(job, list(range(int(sys.argv[2]))), sys.argv[1], key=lambda i: {"unit": i})
+""")
+
+
+def _run_script(store, n, delay, **kw):
+    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(store), str(n), str(delay)], cwd=ROOT,
+                            env={**os.environ, "LLORA_PROGRESS": "0"}, **kw)
+
+
+def test_kill_and_resume(tmp_path):
+    "kill -9 a sweep mid-way, rerun it: the final table equals an uninterrupted run's (no duplicate, no lost row)."
+    n = 40
+    ref = run_sweep(toy_job, list(range(n)), tmp_path/"ref", key=lambda i: {"unit": i})
+    store = ShardStore(tmp_path/"killed")
+    p = _run_script(store.root, n, 0.1)
+    deadline = time.time() + 120
+    while len(store.shards()) < 5 and time.time() < deadline and p.poll() is None: time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    done = len(store.shards())
+    assert 5 <= done < n, f"the sweep should have been killed mid-way ({done} of {n} shards)"
+    (store.root/".leftover.json.tmp").write_text('{"key": {"unit": 0}, "rows": [{"item"')  # a torn write
+    q = _run_script(store.root, n, 0.0); assert q.wait(timeout=300) == 0
+    final = store.table([{"unit": i} for i in range(n)])
+    pd.testing.assert_frame_equal(final, ref)
+    assert len(store.shards()) == n and not final.duplicated().any() and len(final) == 3 * n
+    assert store.table().sort_values(["item", "j"], ignore_index=True).equals(ref)
+
+
+# ---------------------------------------------------------------- executors
+def test_local_executor_order():
+    assert LocalExecutor().map(toy_job, [2, 0]) == [toy_job(2), toy_job(0)]
+
+
+def test_ray_executor_matches_local(tmp_path):
+    "The same sweep through a small local Ray instance gives the same table as the local executor."
+    pytest.importorskip("ray")
+    ex = get_executor("ray", num_cpus=2)
+    try:
+        items = list(range(6))
+        assert ex.map(toy_job, items) == get_executor("local").map(toy_job, items)
+        t_ray = run_sweep(toy_job, items, tmp_path/"ray", key=lambda i: {"unit": i}, executor=ex)
+    finally: ex.shutdown()
+    t_local = run_sweep(toy_job, items, tmp_path/"local", key=lambda i: {"unit": i})
+    pd.testing.assert_frame_equal(t_ray, t_local)
+
+
+def test_ray_missing_message(monkeypatch):
+    import builtins
+    real = builtins.__import__
+    def fake(name, *a, **k):
+        if name == "ray": raise ImportError("No module named 'ray'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=r"llora\[ray\]"): get_executor("ray")
+
+
+# ---------------------------------------------------------------- hyperparameter selection: validation vs test
+def test_selection_on_validation_vs_test(monkeypatch):
+    "select_on='validation' reports test scores at the validation-best grid point; 'test' keeps every grid point."
+    import json, torch
+    import llora.sweep as S
+    from llora.task_vectors import TaskVector
+    from llora.results import model_scores, normalize, reference_scores, select_best
+    tasks = ("a", "b", "c")
+    tvs = {t: TaskVector({"w": torch.tensor([1.0])}) for t in tasks}
+    monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, tvs))
+    peak = {"validation": 1.0, "test": 2.0}  # merged w = scaling * n_tasks; pairs: val prefers 0.5, test prefers 1.0
+    def fake_scores(self, tv, split, tasks_=None):
+        w = float(tv["w"][0])
+        return {t: 1.0 - abs(w - peak[split]) / 4 for t in (tasks_ or self.tasks)}
+    monkeypatch.setattr(S.FusionSetup, "scores", fake_scores)
+    setup = S.FusionSetup("toy", "l_lora", tasks, "/nonexistent")
+    grid = tuple(S.canonical_json({"scaling": s}) for s in (0.5, 1.0))
+    refs = json.dumps({sp: {t: 1.0 for t in tasks} for sp in ("validation", "test")})
+    rows_val = S.fusion_unit(S.FusionUnit(setup, "task_arithmetic", ("a", "b"), grid, "validation", refs))
+    rows_test = S.fusion_unit(S.FusionUnit(setup, "task_arithmetic", ("a", "b"), grid, "test", refs))
+    df_val, df_test = pd.DataFrame(rows_val), pd.DataFrame(rows_test)
+    assert sorted(df_val.split.unique()) == ["test", "validation"]
+    assert df_val[df_val.split == "validation"].hparams.nunique() == 2
+    assert set(df_val[df_val.split == "test"].hparams) == {'{"scaling":0.5}'}      # chosen on validation
+    assert set(df_test.split) == {"test"} and df_test.hparams.nunique() == 2          # every grid point on test
+    # the same choices through llora.results' aggregation
+    single = pd.DataFrame([dict(model="toy", finetune_mode="l_lora", task=t, version=0, step=1, hparams="{}", split=sp,
+                                score=1.0) for t in tasks for sp in ("validation", "test")])
+    best_test = S.aggregate_sweep(df_test, single, select_on="test").best
+    assert best_test.hparams.tolist() == ['{"scaling":1.0}']                           # the authors' protocol
+    best_val = S.aggregate_sweep(df_val, single, select_on="validation").best
+    assert best_val.hparams.tolist() == ['{"scaling":0.5}']
+    sel = model_scores(normalize(df_val[df_val.split == "validation"], reference_scores(single[single.split == "validation"])))
+    sc = model_scores(normalize(df_val[df_val.split == "test"], reference_scores(single[single.split == "test"])))
+    assert select_best(sc, select_on=sel).hparams.tolist() == ['{"scaling":0.5}']
+    assert best_val.normalized.iloc[0] < best_test.normalized.iloc[0]  # selecting on test is optimistic here
