@@ -66,8 +66,17 @@ def test_global_ties_streams_large_tensors_and_chunks(monkeypatch):
     "Tensors above the chunk size go through one by one, small ones batched: both paths against the dense reference."
     monkeypatch.setattr(F, "DENSE_KTH_MAX", 0)
     monkeypatch.setattr(F, "_CHUNK", 1000)
+    monkeypatch.setattr(F, "_SLICE", 777)  # merge large tensors in slices (with a ragged last slice)
     tvs = rand_tvs(3, seed=8)  # tensors of 3072, 64, 6144, 960 and 1 entries
     assert fuse("ties", tvs, k=0.2).allclose(dense_ties_reference(tvs, k=0.2), rtol=0, atol=1e-6)
+    assert fuse("ties", tvs, k=0.2, scope="per_tensor").allclose(fuse("ties", tvs, k=0.2, scope="per_tensor"))
+    assert fuse("simple_average", tvs).allclose(merge(tvs, combine="disjoint_mean"), atol=1e-6)  # no zeros here
+    monkeypatch.setattr(F, "_SLICE", 2)  # exact sign ties patched at the right offsets
+    ints = [TaskVector({"x": torch.tensor([1., -1., 2., 0., 5.]), "y": torch.tensor([2., -2.])}),
+            TaskVector({"x": torch.tensor([-1., 1., -3., 1., 5.]), "y": torch.tensor([-2., -1.])})]
+    for flip in (1, -1):
+        v = [flip * t for t in ints]
+        assert fuse("ties", v, k=1.0) == dense_ties_reference(v, k=1.0)
 
 
 def test_global_ties_mixed_dtypes(streamed):
