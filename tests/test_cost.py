@@ -33,8 +33,8 @@ def test_count_parameters_lora_and_linearized():
         if ".lora_A." in n: p.requires_grad_(False)
     c = count_parameters(m)
     assert c["trainable"] == r * d + r * 2 * d          # B only
-    assert c["phi0"] == lora                             # A0 and B0 stored as buffers
-    assert c["total"] == base_params + 2 * lora
+    assert c["phi0"] == r * d + r * d                    # A0 only: the all-zero B0 is not stored
+    assert c["total"] == base_params + lora + c["phi0"]
     assert abs(c["trainable_pct"] - 100 * c["trainable"] / c["total"]) < 1e-9
 
 
