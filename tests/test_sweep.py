@@ -51,13 +51,13 @@ def test_kill_and_resume(tmp_path):
     ref = run_sweep(toy_job, list(range(n)), tmp_path/"ref", key=lambda i: {"unit": i})
     store = ShardStore(tmp_path/"killed")
     p = _run_script(store.root, n, 0.1)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while len(store.shards()) < 5 and time.time() < deadline and p.poll() is None: time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL); p.wait()
     done = len(store.shards())
     assert 5 <= done < n, f"the sweep should have been killed mid-way ({done} of {n} shards)"
     (store.root/".leftover.json.tmp").write_text('{"key": {"unit": 0}, "rows": [{"item"')  # a torn write
-    q = _run_script(store.root, n, 0.0); assert q.wait(timeout=300) == 0
+    q = _run_script(store.root, n, 0.0); assert q.wait(timeout=600) == 0
     final = store.table([{"unit": i} for i in range(n)])
     pd.testing.assert_frame_equal(final, ref)
     assert len(store.shards()) == n and not final.duplicated().any() and len(final) == 3 * n
@@ -128,3 +128,22 @@ def test_selection_on_validation_vs_test(monkeypatch):
     sc = model_scores(normalize(df_val[df_val.split == "test"], reference_scores(single[single.split == "test"])))
     assert select_best(sc, select_on=sel).hparams.tolist() == ['{"scaling":0.5}']
     assert best_val.normalized.iloc[0] < best_test.normalized.iloc[0]  # selecting on test is optimistic here
+
+
+def test_single_grid_point_goes_straight_to_test(monkeypatch):
+    "simple_average has nothing to select: scored on test once, whatever select_on says."
+    import json, torch
+    import llora.sweep as S
+    from llora.task_vectors import TaskVector
+    tasks = ("a", "b")
+    monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, {t: TaskVector({"w": torch.tensor([1.0])}) for t in tasks}))
+    calls = []
+    def fake_scores(self, tv, split, tasks_=None):
+        calls.append(split); return {t: 0.5 for t in self.tasks}
+    monkeypatch.setattr(S.FusionSetup, "scores", fake_scores)
+    setup = S.FusionSetup("toy", "lora", tasks, "/nonexistent")
+    refs = json.dumps({sp: {t: 1.0 for t in tasks} for sp in ("validation", "test")})
+    for sel in ("validation", "test"):
+        calls.clear()
+        rows = S.fusion_unit(S.FusionUnit(setup, "simple_average", tasks, ("{}",), sel, refs))
+        assert calls == ["test"] and [r["split"] for r in rows] == ["test", "test"]
