@@ -39,9 +39,8 @@ test-pytest:
 	LLORA_PROGRESS=0 $(BIN)/pytest -q tests
 
 ## the docs site: `nbdev_docs` where Quarto is installed, otherwise an offline nbconvert render into _site/
-docs:
-	$(BIN)/nbdev_proc_nbs
-	$(BIN)/python -m llora.docsite --proc _proc --out _site
+docs: install
+	$(BIN)/llora_docs --out _site
 
 clean:
 	rm -rf _proc _docs _site $(OUT)

@@ -502,20 +502,22 @@ PAPER_TABLE5 = pd.DataFrame([dict(method=me, finetune_mode=fm, **dict(zip(_T5_TA
                              for me, modes in _T5.items() for fm, v in modes.items()])
 
 def compare_table1(ours:pd.DataFrame, # our `table1`
-                   paper:pd.DataFrame=PAPER_TABLE1, # printed values
+                   paper:pd.DataFrame|None=None, # printed values (default: `PAPER_TABLE1`)
                    tol:float=0.005, # agreement: |ours - printed| <= tol (printed values are rounded to 2 decimals)
                   ) -> pd.DataFrame:
     "Side by side: printed and regenerated mean/std of every Table 1 cell, with agreement flags."
+    paper = PAPER_TABLE1 if paper is None else paper
     m = paper.merge(ours, on=GROUP_KEYS, how="left", suffixes=("_paper", "_ours"))
     for c in ("mean", "std"):
         m[f"{c}_agrees"] = (m[f"{c}_ours"] - m[f"{c}_paper"]).abs() <= tol + 1e-9
     return m
 
 def compare_table5(ours:pd.DataFrame, # our `table5` (CLIP)
-                   paper:pd.DataFrame=PAPER_TABLE5, # printed values
+                   paper:pd.DataFrame|None=None, # printed values (default: `PAPER_TABLE5`)
                    tol:float=0.005,
                   ) -> pd.DataFrame:
     "Long table of every Table 5 cell: printed, regenerated, agreement."
+    paper = PAPER_TABLE5 if paper is None else paper
     key = ["method", "finetune_mode"]
     p = paper.melt(id_vars=key, var_name="task", value_name="paper")
     o = ours.melt(id_vars=key, var_name="task", value_name="ours")
