@@ -20,7 +20,7 @@ __all__ = ['MODELS', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'TINY_OPENCLIP', 'TI
            'example_text', 'example_target', 'as_examples', 'TaskModel', 'ZeroShotClassifier', 'minilm_path',
            'SentenceEncoderModel', 'build_minilm', 'SplitMultiheadAttention', 'split_attention', 'fuse_attention',
            'to_pil', 'clip_transform', 'CLIPClassifier', 'OpenCLIPClassifier', 'build_openclip', 'HFCLIPClassifier',
-           'build_hf_clip', 'Seq2SeqModel', 'build_flan_t5']
+           'build_hf_clip', 'Seq2SeqModel', 'untie_lm_head', 'build_flan_t5']
 
 # %% ../nbs/07_models.ipynb #72770151
 @dataclass
@@ -682,6 +682,12 @@ FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layer
 T5_TINY = dict(FLAN_T5_BASE, vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                num_heads=4)
 
+def untie_lm_head(model): # a transformers `T5ForConditionalGeneration`
+    "Give `lm_head` its own weight, as Flan-T5 has (transformers 5 ties it to `shared` when building from a config)."
+    if model.lm_head.weight is model.shared.weight:
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    return model
+
 @register_model("flan-t5-base", family="t5", source="Hugging Face google/flan-t5-base",
                 description="Flan-T5-base, text-to-text (the paper's GLUE model)")
 def build_flan_t5(tiny:bool=False, # tiny random T5 with a byte-level tokenizer (offline)
@@ -695,7 +701,7 @@ def build_flan_t5(tiny:bool=False, # tiny random T5 with a byte-level tokenizer 
     from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
     _quiet_transformers()
     if tiny or not pretrained:
-        with _seeded(init_seed): model = T5ForConditionalGeneration(T5Config(**(T5_TINY if tiny else FLAN_T5_BASE)))
+        with _seeded(init_seed): model = untie_lm_head(T5ForConditionalGeneration(T5Config(**(T5_TINY if tiny else FLAN_T5_BASE))))
         tok = ByT5Tokenizer()
     else:
         repo = "google/flan-t5-base" if pretrained is True else pretrained
