@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['atomic_path', 'atomic_write_text', 'save_tensors', 'load_tensors', 'seed_everything', 'get_device', 'cache_dir',
-           'is_offline', 'OfflineError', 'require_online', 'check_finite', 'progress']
+__all__ = ['atomic_path', 'atomic_write_text', 'save_csv', 'save_figure', 'save_tensors', 'load_tensors', 'seed_everything',
+           'get_device', 'cache_dir', 'is_offline', 'OfflineError', 'require_online', 'check_finite', 'progress']
 
 # %% ../nbs/00_core.ipynb #b3d4095f
 @contextlib.contextmanager
@@ -40,6 +40,23 @@ def atomic_write_text(path:str|Path, # destination file
                      ) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: tmp.write_text(text)
+    return Path(path)
+
+# %% ../nbs/00_core.ipynb #1aa0aa00
+def save_csv(df, # a pandas DataFrame
+             path:str|Path, # destination `.csv` file
+             **kwargs, # passed to `DataFrame.to_csv` (e.g. `index=False`)
+            ) -> Path:
+    "Write `df` as CSV atomically."
+    with atomic_path(path) as tmp: df.to_csv(tmp, **kwargs)
+    return Path(path)
+
+def save_figure(fig, # a matplotlib Figure
+                path:str|Path, # destination; the suffix picks the format (`.png`, `.svg`, `.pdf`)
+                **kwargs, # passed to `Figure.savefig` (e.g. `dpi=120`)
+               ) -> Path:
+    "Save `fig` atomically."
+    with atomic_path(path) as tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #3cbb75c2

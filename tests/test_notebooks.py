@@ -1,0 +1,31 @@
+"Structure of the experiment notebooks: the papermill parameters cell survives editing and nbdev_clean."
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
+PAPERMILL = [p for p in NBS if p.stem.startswith("exp_") or p.stem in ("paper_results", "report")]
+
+
+def code_cells(path):
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_every_experiment_notebook_is_found():
+    assert {"exp_fusion", "exp_finetune", "exp_similarity", "exp_cost", "report"} <= {p.stem for p in PAPERMILL}
+
+
+@pytest.mark.parametrize("path", PAPERMILL, ids=lambda p: p.stem)
+def test_papermill_parameters_cell(path):
+    """Exactly one `parameters` cell, the first code cell, of plain assignments papermill can override (a committed run's
+    injected values, if any, right after it)."""
+    cells = code_cells(path)
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [0], f"{path.name}: parameters cell at code cells {tagged}"
+    body = ast.parse(cells[0].source).body
+    assert body and all(isinstance(s, ast.Assign) for s in body), f"{path.name}: parameters must be assignments"
+    injected = [i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected in ([], [1]), f"{path.name}: papermill-injected cells at {injected}"  # the committed run's -p values
