@@ -27,4 +27,6 @@ def test_papermill_parameters_cell(path):
     body = ast.parse(cells[0].source).body
     assert body and all(isinstance(s, ast.Assign) for s in body), f"{path.name}: parameters must be assignments"
     # a committed papermill-injected cell would survive the next papermill run untagged and override its -p values
-    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in cells), f"{path.name}: injected cell"
+    injected = [i for i, c in enumerate(cells)
+                if "injected-parameters" in c.metadata.get("tags", []) or c.source.startswith("# Parameters")]
+    assert not injected, f"{path.name}: papermill-injected cells at code cells {injected}"
