@@ -14,7 +14,7 @@ import pandas as pd
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from .core import atomic_path
+from .core import save_csv
 from .metrics import plot_cosine_heatmap
 
 # %% auto #0
@@ -96,8 +96,7 @@ def write_results(df:pd.DataFrame, # tidy results table
                  ) -> Path:
     "Validate `df` and write it as CSV atomically."
     df = check_results(df, source=str(path), nan="keep")
-    with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
-    return Path(path)
+    return save_csv(df, path, index=False)
 
 # %% ../nbs/05_results.ipynb #fc973f8e
 _MERGED_RE = re.compile(r"^(fft|l_lora|lora)_(.+)_num-tasks=(\d+)\.csv$")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .core import atomic_path, atomic_write_text, progress
+from .core import atomic_write_text, progress, save_csv
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS',
@@ -205,8 +205,7 @@ class ShardStore:
         if p.exists(): return p
         if isinstance(rows, pd.DataFrame): rows = rows.to_dict("records")
         text = canonical_json({"key": key, "rows": list(rows), "meta": meta or {}})
-        self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(p) as tmp: tmp.write_text(text)
+        atomic_write_text(p, text)  # creates the folder
         return p
 
     def read(self, key_or_path) -> dict:
@@ -540,7 +539,7 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
     secs["fusion"] = time.perf_counter() - t2
     results = check_results(results, source=str(store.root), nan="keep")
     paths = {"sweep": write_results(results, out_dir/"sweep.csv"), "single": out_dir/"single_task.csv"}
-    with atomic_path(paths["single"]) as tmp: single[SINGLE_SCHEMA].to_csv(tmp, index=False)
+    save_csv(single[SINGLE_SCHEMA], paths["single"], index=False)
     secs["total"] = time.perf_counter() - t0
     return SweepResult(results, single[SINGLE_SCHEMA], paths, secs)
 
