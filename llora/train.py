@@ -42,10 +42,16 @@ PRESETS = {
 _HPARAM_KEYS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup_steps", "steps", "batch_size",
                 "max_grad_norm", "max_length", "mixed_precision")
 
+def _preset(preset:str|dict) -> dict:
+    "The hyperparameter dict of a `PRESETS` key (or `preset` itself); a clear error for an unknown name."
+    if not isinstance(preset, str): return preset
+    if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
 def preset_model_kw(preset:str|dict="embedded", # a key of `PRESETS` (or a dict)
                    ) -> dict:
     "Model options a preset fixes (`max_length`): build evaluation models with them too (`prepare(..., model_kw=)`)."
-    hp = PRESETS[preset] if isinstance(preset, str) else preset
+    hp = _preset(preset)
     return {"max_length": hp["max_length"]} if hp.get("max_length") else {}
 
 def _check_mode(mode:str):
@@ -58,10 +64,7 @@ def resolve_hparams(preset:str|dict="embedded", # a key of `PRESETS`, or a dict 
                    ) -> dict:
     "The concrete hyperparameters for `mode`: preset values (mode-dependent ones resolved) updated by `overrides`."
     _check_mode(mode)
-    if isinstance(preset, str):
-        if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        hp = copy.deepcopy(PRESETS[preset])
-    else: hp = copy.deepcopy(dict(preset))
+    hp = copy.deepcopy(dict(_preset(preset)))
     bad = [k for k in overrides if k not in _HPARAM_KEYS]
     if bad: raise ValueError(f"Unknown hyperparameter(s) {bad}; valid: {', '.join(_HPARAM_KEYS)}")
     hp.update({k: v for k, v in overrides.items() if v is not None})
