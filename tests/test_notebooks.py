@@ -30,3 +30,22 @@ def test_papermill_parameters_cell(path):
     injected = [i for i, c in enumerate(cells)
                 if "injected-parameters" in c.metadata.get("tags", []) or c.source.startswith("# Parameters")]
     assert not injected, f"{path.name}: papermill-injected cells at code cells {injected}"
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_kernel_is_inferable(path):
+    "papermill and JupyterLab find the kernel from the notebook itself (plain `papermill IN OUT`, no `-k`)."
+    from papermill.utils import nb_kernel_name, nb_language
+    nb = nbformat.read(path, as_version=4)
+    assert nb_kernel_name(nb) == "python3" and nb_language(nb) == "python"
+
+
+def test_plain_papermill_command_line(tmp_path):
+    "`papermill nbs/paper_results.ipynb OUT` from the repository root, with no kernel or cwd option, runs to the end."
+    import subprocess, sys
+    out = tmp_path / "paper_results.ipynb"
+    r = subprocess.run([sys.executable, "-m", "papermill", "nbs/paper_results.ipynb", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "LLORA_PROGRESS": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    executed = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" and c.source.strip()]
+    assert executed and all(c.execution_count for c in executed)
