@@ -352,13 +352,13 @@ def random_weights(tiny:bool, # the builder's `tiny`
 # %% ../nbs/07_models.ipynb #5e1f0a04
 def _hub_unreachable(repo:str, filename:str) -> str:
     "Why the hub cannot serve `repo`/`filename` (one request, no retries), or '' when it answers."
-    import httpx
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import OfflineModeIsEnabled
-    try: get_hf_file_metadata(hf_hub_url(repo, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except (httpx.TransportError, OfflineModeIsEnabled) as e:
-        return f"the hub ({constants.ENDPOINT}) cannot be reached ({type(e).__name__}: {e})"
-    except Exception: return ""  # it answered (a missing file or a gated repo is for the loader to report)
+    from huggingface_hub.errors import HfHubHTTPError
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # read now, like the other variables
+    try: get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, ValueError): return ""  # it answered: a missing file or a gated repo is the loader's to report
+    except Exception as e:  # no answer: a network error, a timeout, or huggingface_hub's own offline mode
+        return f"the hub ({endpoint}) cannot be reached ({type(e).__name__}: {e})"
     return ""
 
 def hub_local_only(repo:str, # a hub repo id
@@ -708,10 +708,9 @@ def _openclip_from_checkpoint(arch:str, path:str, quick_gelu:bool, source:str):
     import open_clip
     check_checkpoint(path)
     try: return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
-    except RuntimeError as e:
-        if "state_dict" not in str(e): raise
+    except (RuntimeError, AssertionError, KeyError) as e:  # strict load_state_dict, or open_clip's resizing asserts
         raise ValueError(f"pretrained={source!r}: the checkpoint does not fit open_clip's {arch} architecture "
-                         f"({str(e).splitlines()[0]} …). For weights of another architecture pass a folder or "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} …). For weights of another architecture pass a folder or "
                          f"'hf-hub:org/name' repo holding its open_clip_config.json.") from e
 
 def openclip_model(arch:str, # open_clip architecture, e.g. "ViT-B-16"
