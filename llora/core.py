@@ -106,7 +106,7 @@ def is_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 def hub_cache_dir() -> Path:
-    "The Hugging Face hub cache folder, from the environment now (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`)."
+    "The Hugging Face hub cache folder, read from the environment now (`HF_HUB_CACHE`, else `$HF_HOME/hub`)."
     env = os.environ
     home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                                               "huggingface")

@@ -709,8 +709,9 @@ def _openclip_from_checkpoint(arch:str, path:str, quick_gelu:bool, source:str):
     check_checkpoint(path)
     try: return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
     except (RuntimeError, AssertionError, KeyError) as e:  # strict load_state_dict, or open_clip's resizing asserts
+        first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"pretrained={source!r}: the checkpoint does not fit open_clip's {arch} architecture "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} …). For weights of another architecture pass a folder or "
+                         f"({type(e).__name__}: {first} …). For weights of another architecture pass a folder or "
                          f"'hf-hub:org/name' repo holding its open_clip_config.json.") from e
 
 def openclip_model(arch:str, # open_clip architecture, e.g. "ViT-B-16"
