@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_csv', 'save_figure', 'save_tensors', 'load_tensors', 'seed_everything',
-           'get_device', 'cache_dir', 'is_offline', 'OfflineError', 'require_online', 'check_finite', 'progress']
+           'get_device', 'cache_dir', 'is_offline', 'hub_cache_dir', 'OfflineError', 'require_online', 'check_finite',
+           'progress']
 
 # %% ../nbs/00_core.ipynb #b3d4095f
 @contextlib.contextmanager
@@ -103,6 +104,14 @@ def is_offline() -> bool:
     "True when the Hugging Face hub must not be contacted (`HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set)."
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+def hub_cache_dir() -> Path:
+    "The Hugging Face hub cache folder, read from the environment now (`HF_HUB_CACHE`, else `$HF_HOME/hub`)."
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                              "huggingface")
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 class OfflineError(RuntimeError):
     "A download was needed while offline."

