@@ -38,15 +38,16 @@ def metric_score(task, # a task (its `metric`: accuracy, exact_match or spearman
     return task_score(getattr(task, "metric", "accuracy"), predictions, references)
 
 # %% ../nbs/09_evaluate.ipynb #7d0c7d2c
+from .tasks import sample_examples
+
 EVAL_CACHE_BYTES = 1 << 30  # cache ready batches of a (task, split) only up to this size
 
 def _nbytes(batch:dict) -> int:
     return sum(v.element_size() * v.nelement() for v in batch.values() if torch.is_tensor(v))
 
-def _load_examples(task, split:str, max_examples:int|None) -> list:
-    ex = task.load(split)
-    if max_examples is not None: ex = ex[:int(max_examples)] if not hasattr(ex, "select") else ex.select(range(min(len(ex), int(max_examples))))
-    return list(ex)
+def _load_examples(task, split:str, max_examples:int|None, seed:int=0) -> list:
+    "All examples of `split`, or a seeded class-stratified sample of `max_examples` of them (`llora.tasks.sample_examples`)."
+    return list(sample_examples(task, task.load(split), max_examples, seed=seed))
 
 class _Batches:
     "The examples of one (task, split) as model-ready batches, length-sorted; `order[i]` = original index of row i."

@@ -16,13 +16,18 @@ from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, is_of
 # %% auto #0
 __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS_TOPICS', 'NEWSGROUPS_COARSE', 'HEALTH_OUTLETS',
            'EMBEDDED_SIZES', 'EMBEDDED_BENCHMARK', 'PAPER_TEMPLATE', 'CARS_CLASSES', 'SUN397_CLASSES', 'DTD_CLASSES',
-           'EUROSAT_CLASSES', 'GTSRB_CLASSES', 'RESISC45_CLASSES', 'VISION_TASKS', 'GLUE_TASKS', 'GLUE_HUB', 'Task',
-           'score', 'register_task', 'get_task', 'list_tasks', 'Archive', 'DataFetchError', 'sha256_file',
-           'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text', 'read_orange_tab',
-           'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters', 'rows_newsgroups',
-           'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets', 'build_embedded_splits',
-           'embedded_data', 'load_embedded', 'register_embedded', 'task_table', 'ExampleView', 'image_example',
-           'load_vision', 'prompted_example', 'load_glue']
+           'EUROSAT_CLASSES', 'GTSRB_CLASSES', 'RESISC45_CLASSES', 'VISION_TASKS', 'GLUE_TSV_DIRS', 'VISION_DIRS',
+           'CLASS_ALIASES', 'GLUE_TSV_COLUMNS', 'TORCHVISION_LAYOUTS', 'SOURCE_KINDS', 'SPLIT_NOTE', 'GLUE_TASKS',
+           'GLUE_HUB', 'Task', 'score', 'register_task', 'get_task', 'list_tasks', 'Archive', 'DataFetchError',
+           'sha256_file', 'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text',
+           'read_orange_tab', 'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters',
+           'rows_newsgroups', 'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets',
+           'build_embedded_splits', 'embedded_data', 'load_embedded', 'register_embedded', 'task_table',
+           'DataNotFoundError', 'data_root', 'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache',
+           'find_save_to_disk', 'find_parquet', 'find_csv', 'read_glue_tsv', 'find_glue_tsv', 'find_image_folder',
+           'find_class_folders', 'MatImages', 'find_torchvision', 'SourceKind', 'task_sources', 'find_copy',
+           'label_mapper', 'ExampleView', 'paper_example', 'prompted_example', 'load_paper_task', 'example_labels',
+           'sample_examples']
 
 # %% ../nbs/06_tasks.ipynb #b588799d
 KINDS = ("classification", "text2text", "regression")
@@ -738,8 +743,8 @@ VISION_TASKS = {  # name -> (HF dataset, config, class names, templates, descrip
 # %% ../nbs/06_tasks.ipynb #362bc7bd
 def _hub_dataset(task:Task, path:str, config:str|None, split:str, root:str|None):
     "Load `split` of hub dataset `path` via `datasets`, turning offline/missing-package failures into clear errors."
-    how = (f"Supply a local copy: pass `root=` to `task.load` (or set LLORA_DATA) to a folder holding "
-           f"`{task.name}/{{train,val,test}}/<class>/...` images, or to a `datasets` cache directory filled by running "
+    how = (f"Supply a local copy: pass `root=` to `task.load` (or set LLORA_DATA) to a folder holding one of the "
+           f"layouts of `task_sources({task.name!r})` (see `find_copy`), e.g. a `datasets` cache filled by "
            f"`get_task({task.name!r}).load(split, root=...)` on a machine with hub access")
     try: import datasets
     except ImportError:
@@ -761,77 +766,524 @@ def _holdout(n:int, fraction:float, seed:int, max_size:int|None=None) -> tuple:
     perm = list(range(n)); random.Random(seed).shuffle(perm)
     return sorted(perm[k:]), sorted(perm[:k])
 
-# %% ../nbs/06_tasks.ipynb #4e8fa119
+# %% ../nbs/06_tasks.ipynb #753bfca3
+class DataNotFoundError(FileNotFoundError):
+    "No usable copy of a paper task's data was found."
+
+def data_root(root:str|Path|None=None, # a folder holding local copies of the paper tasks
+             ) -> Path|None:
+    "The data root: `root`, else `$LLORA_DATA`, else None."
+    root = root or os.environ.get("LLORA_DATA")
+    return Path(root).expanduser() if root else None
+
+def _child(root:Path, rel:str) -> Path|None:
+    "`root/rel`, each folder name matched case-insensitively when not present as spelled; None if absent."
+    p = root
+    for part in rel.split("/"):
+        if part in ("", "."): continue
+        if (p/part).exists(): p = p/part; continue
+        try: hits = sorted(c for c in p.iterdir() if c.name.lower() == part.lower())
+        except OSError: return None
+        if not hits: return None
+        p = hits[0]
+    return p
+
+GLUE_TSV_DIRS = {"cola": "CoLA", "mnli": "MNLI", "mrpc": "MRPC", "qqp": "QQP", "rte": "RTE", "sst2": "SST-2", "stsb": "STS-B"}
+VISION_DIRS = {"RESISC45": ["NWPU-RESISC45"], "SVHN": ["svhn"]}  # folder names beyond the task's and the hub's
+CLASS_ALIASES = {  # other class names of a task, index = label (EuroSAT's own folder names, GTSRB's numbered folders)
+    "EuroSAT": ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+                "Residential", "River", "SeaLake"],
+    "GTSRB": [f"{i:05d}" for i in range(43)],
+}
+
+def task_dirs(task:Task) -> list[str]:
+    "Folders (relative to the data root, matched case-insensitively) that may hold a copy of a paper task, in order."
+    repo, config = task.options["hub"]
+    if task.group == "glue":
+        tsv = GLUE_TSV_DIRS[config]
+        return list(dict.fromkeys([task.name, config, f"glue/{config}", tsv, f"glue_data/{tsv}", f"glue/{tsv}"]))
+    return list(dict.fromkeys([task.name, repo.split("/")[-1], *VISION_DIRS.get(task.name, [])]))
+
+# %% ../nbs/06_tasks.ipynb #1428d7b0
+@dataclass
+class SourceSplit:
+    "One split of a source: raw items, the label of each (read without decoding images) and the source's class names."
+    base: object # indexable raw items: a `datasets.Dataset`, a torchvision dataset, a list of dicts...
+    labels: list # each item's label: an index into `names`, a class name, a task label or a score
+    names: list|None = None # the source's class names (None: `labels` are class names or task labels)
+    to_example: Callable|None = None # raw item -> dict with the task's fields and "label" (default: the item)
+
+@dataclass
+class TaskCopy:
+    "A copy of a task's data: its source kind, where it is, and an opener per task split it has."
+    source: str # a key of `SOURCE_KINDS`, or "hub"
+    path: Path|None # the folder (or file) it was found at
+    splits: dict # task split ("train", and maybe "validation", "test") -> () -> `SourceSplit`
+
+def _task_splits(task:Task, names) -> dict:
+    "Task split -> the source's split name, for the split names a source has (GLUE's `validation` is our `test`)."
+    names = set(names)
+    if task.group == "glue":
+        out = {"train": "train", "test": "validation_matched" if task.options["hub"][1] == "mnli" else "validation"}
+    else:
+        out = {"train": "train", "test": "test"}
+        own = next((v for v in ("validation", "val", "valid") if v in names), None)
+        if own: out["validation"] = own
+    return {k: v for k, v in out.items() if v in names}
+
+def _complete(task:Task, splits:dict) -> bool:
+    "A copy needs a train split; GLUE copies also their validation split (our `test`: GLUE's test labels are hidden)."
+    return "train" in splits and (task.group != "glue" or "test" in splits)
+
+def _tuple_example(item) -> dict:
+    image, label = item
+    return {"image": image, "label": label}
+
+def _from_datasets(ds) -> SourceSplit:
+    "A `SourceSplit` of a `datasets.Dataset` (labels from its `label` column; class names from its `ClassLabel`)."
+    if "image" not in ds.column_names and "img" in ds.column_names: ds = ds.rename_column("img", "image")
+    if "label" not in ds.column_names:
+        raise ValueError(f"The dataset has no 'label' column (columns: {ds.column_names})")
+    names = getattr(ds.features["label"], "names", None)
+    return SourceSplit(ds, list(ds["label"]), list(names) if names else None)
+
+def _from_items(items) -> SourceSplit:
+    "A `SourceSplit` of a list of dicts, or of a `datasets.Dataset`."
+    if hasattr(items, "features"): return _from_datasets(items)
+    return SourceSplit(items, [e["label"] for e in items])
+
+def _hf_cache() -> str:
+    "Where `datasets` keeps the Arrow copies it makes of parquet / CSV files (inside the llora cache)."
+    return str(cache_dir("hf_datasets"))
+
+def _datasets():
+    try: import datasets
+    except ImportError:
+        raise ImportError("Reading this copy needs the `datasets` package: pip install 'llora[paper]' "
+                          "(or pip install datasets)") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+# %% ../nbs/06_tasks.ipynb #247ba77c
+def _hub_cache_dir(task:Task) -> str:
+    "The folder `datasets.load_dataset(repo, config, cache_dir=root)` fills: `<namespace>___<name>/<config>`."
+    repo, config = task.options["hub"]
+    ns, name = repo.split("/")
+    return f"{ns}___{name}/{config or 'default'}"
+
+def _dataset_info_splits(folder:Path) -> list:
+    return list(json.loads((folder/"dataset_info.json").read_text()).get("splits") or [])
+
+def find_hub_cache(task:Task, root:Path) -> TaskCopy|None:
+    "A `datasets` hub cache under `root` (offline-safe: `load_dataset` reads it back with HF_HUB_OFFLINE=1)."
+    d = _child(root, _hub_cache_dir(task))
+    infos = sorted(d.glob("*/*/dataset_info.json")) if d else []
+    if not infos: return None
+    repo, config = task.options["hub"]
+    def opener(name): return lambda: _from_datasets(_datasets().load_dataset(repo, config, split=name, cache_dir=str(root)))
+    return TaskCopy("hub_cache", d, {k: opener(v) for k, v in _task_splits(task, _dataset_info_splits(infos[-1].parent)).items()})
+
+def find_save_to_disk(task:Task, root:Path) -> TaskCopy|None:
+    "A `save_to_disk` copy: a DatasetDict folder (`dataset_dict.json`), or one folder per split (`<split>/state.json`)."
+    for rel in task_dirs(task):
+        d = _child(root, rel)
+        if d is None or not d.is_dir(): continue
+        if (d/"dataset_dict.json").exists():
+            names = json.loads((d/"dataset_dict.json").read_text())["splits"]
+            def opener(name, d=d): return lambda: _from_datasets(_datasets().load_from_disk(str(d))[name])
+        else:
+            names = [p.parent.name for p in d.glob("*/state.json")]
+            def opener(name, d=d): return lambda: _from_datasets(_datasets().load_from_disk(str(d/name)))
+        splits = _task_splits(task, names)
+        if _complete(task, splits): return TaskCopy("save_to_disk", d, {k: opener(v) for k, v in splits.items()})
+    return None
+
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z_]+?)(?:-\d+-of-\d+)?\.(?P<ext>parquet|csv|tsv)$")
+
+def _split_files(d:Path, exts:tuple) -> dict:
+    "Split name -> files like `train-00000-of-00001.parquet` / `train.csv` in `d` or `d/data` (the hub's layouts)."
+    out = {}
+    for sub in (d, d/"data"):
+        if not sub.is_dir(): continue
+        for p in sorted(sub.iterdir()):
+            m = _SPLIT_FILE.match(p.name)
+            if m and m["ext"] in exts: out.setdefault(m["split"], []).append(str(p))
+        if out: break
+    return out
+
+def _find_files(task:Task, root:Path, kind:str, exts:tuple) -> TaskCopy|None:
+    for rel in task_dirs(task):
+        d = _child(root, rel)
+        if d is None or not d.is_dir(): continue
+        files = _split_files(d, exts)
+        splits = _task_splits(task, files)
+        if not _complete(task, splits): continue
+        def opener(name, files=files):
+            fs = files[name]
+            builder, kw = ("parquet", {}) if fs[0].endswith(".parquet") else ("csv", {"delimiter": "\t" if fs[0].endswith(".tsv") else ","})
+            return lambda: _from_datasets(_datasets().load_dataset(builder, data_files={name: fs}, split=name,
+                                                                  cache_dir=_hf_cache(), **kw))
+        return TaskCopy(kind, d, {k: opener(v) for k, v in splits.items()})
+    return None
+
+def find_parquet(task:Task, root:Path) -> TaskCopy|None:
+    "Parquet files in the hub's export layout: `<split>-00000-of-00001.parquet` in a task folder or its `data/`."
+    return _find_files(task, root, "parquet", ("parquet",))
+
+def find_csv(task:Task, root:Path) -> TaskCopy|None:
+    "CSV / TSV files with a header of the hub's columns (`Dataset.to_csv`): `train.csv`, `validation.tsv`..."
+    if task.group != "glue": return None
+    return _find_files(task, root, "csv", ("csv", "tsv"))
+
+# %% ../nbs/06_tasks.ipynb #fade3729
+GLUE_TSV_COLUMNS = {  # config -> (field -> column of GLUE's own TSV files, label type); CoLA's files have no header
+    "cola": ({"sentence": 3, "label": 1}, int),
+    "sst2": ({"sentence": "sentence", "label": "label"}, int),
+    "mrpc": ({"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}, int),
+    "qqp": ({"question1": "question1", "question2": "question2", "label": "is_duplicate"}, int),
+    "stsb": ({"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}, float),
+    "mnli": ({"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}, str),
+    "rte": ({"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, str),
+}
+
+def read_glue_tsv(path:Path, # a file of GLUE's own distribution, e.g. `CoLA/train.tsv`, `MNLI/dev_matched.tsv`
+                  config:str, # GLUE configuration, e.g. "cola"
+                  keep:Callable|None=None, # row (dict of columns) -> bool (MRPC: the rows of `dev_ids.tsv`)
+                 ) -> list[dict]:
+    "The rows of a GLUE TSV file as examples with the hub's field names (`sentence`, `premise`, ..., `label`, `idx`)."
+    cols, kind = GLUE_TSV_COLUMNS[config]
+    with open(path, encoding="utf-8-sig", newline="") as f: rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if config == "cola": header, rows = list(range(4)), rows
+    else: header, rows = rows[0], rows[1:]
+    pos = {h: i for i, h in enumerate(header)}
+    missing = [c for c in cols.values() if c not in pos]
+    if missing: raise ValueError(f"{path}: no column {missing} in its header {header}; expected GLUE's {config} layout")
+    out = []
+    for r in rows:
+        if len(r) < len(header): continue  # GLUE's QQP / STS-B files have a few broken lines
+        if keep is not None and not keep(dict(zip(header, r))): continue
+        ex = {k: r[pos[c]] for k, c in cols.items()}
+        ex["label"], ex["idx"] = kind(ex["label"]), len(out)
+        out.append(ex)
+    return out
+
+def find_glue_tsv(task:Task, root:Path) -> TaskCopy|None:
+    "GLUE's own distribution: `CoLA/train.tsv` + `dev.tsv` (MNLI `dev_matched.tsv`); MRPC also `msr_paraphrase_train.txt` + `dev_ids.tsv`."
+    if task.group != "glue": return None
+    config = task.options["hub"][1]
+    dev = "dev_matched.tsv" if config == "mnli" else "dev.tsv"
+    for rel in task_dirs(task):
+        d = _child(root, rel)
+        if d is None or not d.is_dir(): continue
+        if (d/"train.tsv").exists() and (d/dev).exists():
+            return TaskCopy("glue_tsv", d, {"train": lambda d=d: _from_items(read_glue_tsv(d/"train.tsv", config)),
+                                            "test": lambda d=d: _from_items(read_glue_tsv(d/dev, config))})
+        if config == "mrpc" and (d/"msr_paraphrase_train.txt").exists() and (d/"dev_ids.tsv").exists():
+            def part(d, dev_rows):
+                with open(d/"dev_ids.tsv", encoding="utf-8-sig", newline="") as f:
+                    ids = {tuple(r[:2]) for r in csv.reader(f, delimiter="\t")}
+                keep = lambda row: ((row["#1 ID"], row["#2 ID"]) in ids) == dev_rows
+                return _from_items(read_glue_tsv(d/"msr_paraphrase_train.txt", config, keep))
+            return TaskCopy("glue_tsv", d, {"train": lambda d=d: part(d, False), "test": lambda d=d: part(d, True)})
+    return None
+
+# %% ../nbs/06_tasks.ipynb #66678cd5
+def _image_folder_split(folder:Path) -> SourceSplit:
+    "An ImageFolder (`<class>/<image>`): labels and class names from the file tree, no image opened."
+    from torchvision.datasets import ImageFolder
+    ds = ImageFolder(str(folder))
+    return SourceSplit(ds, list(ds.targets), list(ds.classes), _tuple_example)
+
+def _subdirs(d:Path) -> list:
+    try: return [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError: return []
+
+def find_image_folder(task:Task, root:Path) -> TaskCopy|None:
+    "Split folders of class folders: `<task>/{train,val,test}/<class>/<image>` (the task-arithmetic layout)."
+    if task.modality != "image": return None
+    for rel in task_dirs(task):
+        d = _child(root, rel)
+        if d is None or not _subdirs(_child(d, "train") or d/"train"): continue
+        names = [p.name.lower() for p in _subdirs(d)]
+        splits = _task_splits(task, names)
+        return TaskCopy("image_folder", d, {k: (lambda p=_child(d, v): _image_folder_split(p)) for k, v in splits.items()})
+    return None
+
+def find_class_folders(task:Task, root:Path) -> TaskCopy|None:
+    "One folder per class and no split folders (RESISC45's own distribution): train and test are seeded hold-outs."
+    if task.modality != "image": return None
+    for rel in task_dirs(task):
+        d = _child(root, rel)
+        if d is None: continue
+        subs = _subdirs(d)
+        if len(subs) < 2 or {p.name.lower() for p in subs} & {"train", "test", "val", "validation"}: continue
+        return TaskCopy("class_folders", d, {"train": lambda d=d: _image_folder_split(d)})
+    return None
+
+# %% ../nbs/06_tasks.ipynb #4f6e287d
+class MatImages:
+    "SVHN's `.mat` arrays as a list of PIL images (`X`: 32x32x3xN uint8; decoded one at a time)."
+    def __init__(self, X): self.X = X
+    def __len__(self): return self.X.shape[-1]
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.X[..., i])
+
+def _svhn_split(path:Path) -> SourceSplit:
+    "torchvision's SVHN files (`train_32x32.mat`, `test_32x32.mat`); label 10 is the digit 0, as torchvision maps it."
+    from scipy.io import loadmat
+    m = loadmat(str(path))
+    labels = [0 if int(y) == 10 else int(y) for y in m["y"].reshape(-1)]
+    images = MatImages(m["X"])
+    return SourceSplit(list(zip(range(len(labels)), labels)), labels, None,
+                       lambda item: {"image": images[item[0]], "label": item[1]})
+
+def _torchvision_labels(ds) -> list:
+    "Labels of a torchvision dataset without opening images (`targets`, `_labels` or `_samples`)."
+    for attr in ("targets", "_labels"):
+        if getattr(ds, attr, None) is not None: return list(getattr(ds, attr))
+    return [int(t) for _, t in ds._samples]
+
+def _torchvision_split(make:Callable) -> SourceSplit:
+    ds = make()
+    return SourceSplit(ds, _torchvision_labels(ds), list(getattr(ds, "classes", None) or []) or None, _tuple_example)
+
+def _tv(cls:str, **kw) -> Callable:
+    def make():
+        import torchvision.datasets as D
+        return getattr(D, cls)(download=False, **kw)
+    return lambda: _torchvision_split(make)
+
+TORCHVISION_LAYOUTS = {  # task -> what torchvision 0.29's dataset class reads under its `root` (our data root)
+    "SVHN": "train_32x32.mat, test_32x32.mat (in the data root or its svhn/ folder)",
+    "DTD": "dtd/dtd/images/<class>/*.jpg, dtd/dtd/labels/{train,val,test}<partition>.txt",
+    "GTSRB": "gtsrb/GTSRB/Training/<00000..00042>/*.ppm; gtsrb/GTSRB/Final_Test/Images/*.ppm + gtsrb/GT-final_test.csv",
+    "EuroSAT": "eurosat/2750/<class>/*.jpg (no split: seeded hold-outs)",
+    "Cars": "stanford_cars/devkit/{cars_meta,cars_train_annos}.mat, stanford_cars/cars_train/, "
+            "stanford_cars/cars_test_annos_withlabels.mat, stanford_cars/cars_test/",
+    "SUN397": "SUN397/ClassName.txt, SUN397/<letter>/<class>/sun_*.jpg (no split: seeded hold-outs)",
+}
+
+def find_torchvision(task:Task, root:Path, dtd_partition:int=1) -> TaskCopy|None:
+    "The native layout of torchvision's dataset class of the task (`TORCHVISION_LAYOUTS`), always read with download=False."
+    r, name = str(root), task.name
+    if name == "SVHN":
+        for rel in ("", "svhn"):
+            d = _child(root, rel) if rel else root
+            if d is not None and (d/"train_32x32.mat").exists():
+                splits = {"train": lambda d=d: _svhn_split(d/"train_32x32.mat")}
+                if (d/"test_32x32.mat").exists(): splits["test"] = lambda d=d: _svhn_split(d/"test_32x32.mat")
+                return TaskCopy("torchvision", d, splits)
+    elif name == "DTD" and (root/"dtd"/"dtd"/"labels"/f"train{dtd_partition}.txt").exists():
+        return TaskCopy("torchvision", root/"dtd"/"dtd", {s: _tv("DTD", root=r, split=v, partition=dtd_partition)
+                                                         for s, v in (("train", "train"), ("validation", "val"), ("test", "test"))})
+    elif name == "GTSRB" and (root/"gtsrb"/"GTSRB"/"Training").is_dir():
+        splits = {"train": _tv("GTSRB", root=r, split="train")}
+        if (root/"gtsrb"/"GT-final_test.csv").exists(): splits["test"] = _tv("GTSRB", root=r, split="test")
+        return TaskCopy("torchvision", root/"gtsrb", splits)
+    elif name == "EuroSAT" and (root/"eurosat"/"2750").is_dir():
+        return TaskCopy("torchvision", root/"eurosat"/"2750", {"train": _tv("EuroSAT", root=r)})
+    elif name == "Cars" and (root/"stanford_cars"/"devkit"/"cars_train_annos.mat").exists():
+        splits = {"train": _tv("StanfordCars", root=r, split="train")}
+        if (root/"stanford_cars"/"cars_test_annos_withlabels.mat").exists():
+            splits["test"] = _tv("StanfordCars", root=r, split="test")
+        return TaskCopy("torchvision", root/"stanford_cars", splits)
+    elif name == "SUN397" and (root/"SUN397"/"ClassName.txt").exists():
+        return TaskCopy("torchvision", root/"SUN397", {"train": _tv("SUN397", root=r)})
+    return None
+
+# %% ../nbs/06_tasks.ipynb #18a1247b
+def _dirs_text(task:Task, *files:str) -> str:
+    dirs = "{" + ",".join(task_dirs(task)) + "}"
+    return " or ".join(f"{dirs}/{f}" for f in files)
+
+def _applies_always(task:Task) -> bool: return True
+def _is_glue(task:Task) -> bool: return task.group == "glue"
+def _is_vision(task:Task) -> bool: return task.modality == "image"
+
+@dataclass(frozen=True)
+class SourceKind:
+    "A kind of on-disk copy: how to find it, which tasks it applies to, and the files it expects (for docs and errors)."
+    find: Callable # (task, root) -> `TaskCopy` or None; only looks at names of files and folders
+    applies: Callable # task -> bool
+    layout: Callable # task -> what it looks for, relative to the data root
+
+SOURCE_KINDS = {  # in the order they are tried: the first found wins
+    "hub_cache": SourceKind(find_hub_cache, _applies_always, lambda t: f"{_hub_cache_dir(t)}/<version>/<hash>/dataset_info.json "
+                            f"(what datasets.load_dataset({t.options['hub'][0]!r}, {t.options['hub'][1]!r}, cache_dir=root) leaves)"),
+    "save_to_disk": SourceKind(find_save_to_disk, _applies_always,
+                               lambda t: _dirs_text(t, "dataset_dict.json", "<split>/state.json")),
+    "parquet": SourceKind(find_parquet, _applies_always,
+                          lambda t: _dirs_text(t, "<split>-00000-of-00001.parquet", "data/<split>-*.parquet", "<split>.parquet")),
+    "glue_tsv": SourceKind(find_glue_tsv, _is_glue, lambda t: _dirs_text(
+        t, "train.tsv + " + ("dev_matched.tsv" if t.options["hub"][1] == "mnli" else "dev.tsv"),
+        *(["msr_paraphrase_train.txt + dev_ids.tsv"] if t.options["hub"][1] == "mrpc" else []))),
+    "csv": SourceKind(find_csv, _is_glue, lambda t: _dirs_text(t, "<split>.csv", "<split>.tsv") + " (with a header row)"),
+    "image_folder": SourceKind(find_image_folder, _is_vision, lambda t: _dirs_text(t, "{train,val,test}/<class>/<image>")),
+    "torchvision": SourceKind(find_torchvision, lambda t: t.name in TORCHVISION_LAYOUTS,
+                              lambda t: TORCHVISION_LAYOUTS[t.name]),
+    "class_folders": SourceKind(find_class_folders, _is_vision,
+                                lambda t: _dirs_text(t, "<class>/<image>") + " (no split folders: seeded hold-outs)"),
+}
+SPLIT_NOTE = ("validation = the source's own validation split if it has one, else a seeded hold-out of train; "
+              "test = the official test split (GLUE: its validation split, MNLI validation_matched)")
+
+def task_sources(task:Task|str) -> list[str]:
+    "The source kinds accepted for a paper task, in the order they are tried."
+    task = get_task(task)
+    return [k for k, s in SOURCE_KINDS.items() if s.applies(task)]
+
+def _default_hub_cache() -> Path:
+    "The `datasets` cache `load_dataset` uses without `cache_dir` (HF_DATASETS_CACHE, else HF_HOME/datasets)."
+    if os.environ.get("HF_DATASETS_CACHE"): return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home()/".cache"/"huggingface")).expanduser()/"datasets"
+
+def _hub_copy(task:Task, root:Path|None) -> TaskCopy:
+    "The hub itself (downloads into `root` or the default `datasets` cache)."
+    repo, config = task.options["hub"]
+    names = ["train", "validation_matched" if config == "mnli" else "validation"] if task.group == "glue" else ["train", "test"]
+    def opener(name): return lambda: _from_items(_hub_dataset(task, repo, config, name, str(root) if root else None))
+    return TaskCopy("hub", None, {k: opener(v) for k, v in _task_splits(task, names).items()})
+
+def _not_found(task:Task, root:Path|None, kinds:list) -> str:
+    repo = task.options["hub"][0]
+    if root is None:
+        where = (f"No copy of task {task.name!r} found: no data root is set (root= / $LLORA_DATA), and the default "
+                 f"`datasets` cache {_default_hub_cache()} has no {_hub_cache_dir(task)}.")
+    else:
+        where = (f"No copy of task {task.name!r} found under the data root {root}" +
+                 ("" if root.is_dir() else " (which does not exist)") + ". Looked for, in this order:\n" +
+                 "\n".join(f"  - {k}: {SOURCE_KINDS[k].layout(task)}" for k in kinds))
+    hub = (f"\nHF_HUB_OFFLINE is set, so the Hugging Face hub ({repo}) was not tried." if is_offline() else "")
+    return (where + hub + f"\nPass `root=` to `task.load` (or set LLORA_DATA; in the experiment notebooks the `data_root` "
+            f"parameter) to a folder holding one of these, or force a source kind with `source=` "
+            f"(one of {task_sources(task)} or 'hub').")
+
+def find_copy(task:Task, # a paper task (vision or GLUE)
+              root:str|Path|None=None, # data root (default: $LLORA_DATA)
+              source:str="auto", # "auto" (the first kind found), a key of `SOURCE_KINDS`, or "hub" (download)
+              dtd_partition:int=1, # which of DTD's ten official splits torchvision's layout uses
+             ) -> TaskCopy:
+    "The copy of `task` that is read: the first source kind of `SOURCE_KINDS` found under the data root, else the hub."
+    task, root = get_task(task), data_root(root)
+    accepted = task_sources(task)
+    if source not in ("auto", "hub", *accepted):
+        raise ValueError(f"source={source!r} does not apply to task {task.name!r}; use 'auto', 'hub' or one of {accepted}")
+    kinds = accepted if source == "auto" else [] if source == "hub" else [source]
+    if root is None: search = [("hub_cache", _default_hub_cache())] if "hub_cache" in kinds else []
+    else: search = [(k, root) for k in kinds] if root.is_dir() else []
+    for kind, base in search:
+        found = (find_torchvision(task, base, dtd_partition) if kind == "torchvision" else SOURCE_KINDS[kind].find(task, base))
+        if found is not None: return found
+    if source in ("auto", "hub") and not is_offline(): return _hub_copy(task, root)
+    raise (OfflineError if source in ("auto", "hub") else DataNotFoundError)(_not_found(task, root, kinds))
+
+# %% ../nbs/06_tasks.ipynb #0646fa31
+def _norm_name(s:str) -> str: return re.sub(r"[^a-z0-9]+", " ", str(s).lower()).strip()
+
+def label_mapper(task:Task, # the task whose labels we want
+                 names:list|None, # the source's class names (index = source label), or None
+                 labels:list, # the source's labels
+                 where:str="the copy", # what the source is, for error messages
+                ) -> Callable:
+    "Source label -> task label: by class name where the source names its classes (names, aliases), else checked as is."
+    if task.kind == "regression": return float
+    ours = {_norm_name(c): i for i, c in enumerate(task.classes)}
+    for i, c in enumerate(CLASS_ALIASES.get(task.name, [])): ours.setdefault(_norm_name(c), i)
+    values = set(labels)
+    if names is None and values and all(isinstance(v, str) for v in values):  # labels are class names
+        unknown = sorted(v for v in values if _norm_name(v) not in ours)
+        if unknown: raise ValueError(f"{where}: labels {unknown[:5]} are not classes of task {task.name!r} ({task.classes[:5]}...)")
+        return lambda v: ours[_norm_name(v)]
+    if names is None:
+        bad = sorted(v for v in values if not 0 <= int(v) < task.n_classes)
+        if bad: raise ValueError(f"{where}: labels {bad[:5]} are outside 0..{task.n_classes - 1} (task {task.name!r} "
+                                 f"has {task.n_classes} classes)")
+        return int
+    unmatched = [n for n in names if _norm_name(n) not in ours]
+    if len(names) != task.n_classes:
+        raise ValueError(f"{where} has {len(names)} classes but task {task.name!r} has {task.n_classes}" +
+                         (f" ({len(unmatched)} of its class names are not the task's, e.g. {unmatched[:3]})" if unmatched else "") +
+                         f". Point `root=` at a complete copy of {task.name}, or pass `source=` to choose another copy.")
+    table = [ours[_norm_name(n)] for n in names] if not unmatched else []
+    if table and len(set(table)) == len(table): return lambda v: table[int(v)]
+    return int  # as many classes under other names: the source's order is the task's
+
+# %% ../nbs/06_tasks.ipynb #600edaf2
 class ExampleView:
     "A lazy list-like view of a dataset: `view[i]` is `transform(base[indices[i]])`; slicing and `select` give sub-views."
     def __init__(self, base, # indexable dataset (a list, a `datasets.Dataset`, a torchvision dataset...)
                  indices=None, # the items of `base` in this view (default: all)
                  transform:Callable|None=None, # item -> example dict
+                 base_labels:list|None=None, # the task label of every item of `base`, known without decoding it
                 ):
-        self.base, self.transform = base, transform
+        self.base, self.transform, self.base_labels = base, transform, base_labels
         self.indices = list(range(len(base))) if indices is None else list(indices)
     def __len__(self): return len(self.indices)
     def __getitem__(self, i):
-        if isinstance(i, slice): return ExampleView(self.base, self.indices[i], self.transform)
+        if isinstance(i, slice): return ExampleView(self.base, self.indices[i], self.transform, self.base_labels)
         item = self.base[self.indices[i]]
         return self.transform(item) if self.transform else item
     def __iter__(self): return (self[i] for i in range(len(self)))
     def select(self, positions) -> ExampleView:
         "The sub-view of the given positions of this view."
-        return ExampleView(self.base, [self.indices[i] for i in positions], self.transform)
+        return ExampleView(self.base, [self.indices[i] for i in positions], self.transform, self.base_labels)
+    @property
+    def labels(self) -> list|None:
+        "The task label of each example of the view (None if the view was made without `base_labels`)."
+        return None if self.base_labels is None else [self.base_labels[i] for i in self.indices]
     def __repr__(self): return f"ExampleView({len(self)} examples)"
 
-def image_example(item, # an (image, label) tuple or a dict with "image" and "label"
-                  label_map:dict|None=None, # source label -> task label
+def paper_example(item, task:Task, # the task
+                  to_example:Callable|None=None, # raw item -> dict with the task's fields and "label"
+                  label_of:Callable=int, # source label -> task label (`label_mapper`)
                  ) -> dict:
-    "`{'image': RGB PIL image, 'label': int}`."
-    image, label = item if isinstance(item, tuple) else (item["image"], item["label"])
-    if hasattr(image, "convert"): image = image.convert("RGB")
-    label = int(label)
-    return {"image": image, "label": label_map[label] if label_map else label}
+    "A paper task's example: `{'image': RGB PIL image, 'label'}`, or GLUE's fields with the task label, `input` and `target`."
+    ex = dict(to_example(item) if to_example else item)
+    ex["label"] = label_of(ex["label"])
+    if task.modality != "image": return prompted_example(ex, task)
+    image = ex["image"]
+    return {"image": image.convert("RGB") if hasattr(image, "convert") else image, "label": ex["label"]}
 
-def _norm_name(s:str) -> str: return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+def prompted_example(item:dict, task:Task) -> dict:
+    "`item` with the task's prompt as `input` and its answer as `target`."
+    ex = dict(item)
+    ex["input"], ex["target"] = task.format_input(ex), task.format_target(ex)
+    return ex
 
-def _image_folder(task:Task, folder:Path) -> ExampleView:
-    "An ImageFolder; labels follow the task's classes when folder names match them, else the sorted folder order."
-    from torchvision.datasets import ImageFolder
-    ds = ImageFolder(str(folder))
-    if len(ds.classes) != task.n_classes:
-        raise ValueError(f"{folder} has {len(ds.classes)} class folders; task {task.name!r} has {task.n_classes} classes")
-    ours = {_norm_name(c): i for i, c in enumerate(task.classes)}
-    label_map = None
-    if all(_norm_name(c) in ours for c in ds.classes):
-        label_map = {j: ours[_norm_name(c)] for j, c in enumerate(ds.classes)}
-    return ExampleView(ds, transform=partial(image_example, label_map=label_map))
-
-def load_vision(task:Task, split:str,
-                hub:tuple=(), # (Hugging Face dataset, config)
-                root:str|None=None, # local copy (default: $LLORA_DATA)
-                val_fraction:float=0.1, # share of the official train split held out as `validation`
-                seed:int=0, # hold-out seed
-               ) -> ExampleView:
-    "Loader of the paper's vision tasks."
-    root = root or os.environ.get("LLORA_DATA")
-    folder = Path(root)/task.name if root else None
-    if folder is not None and (folder/"train").is_dir():
-        if split == "test":
-            if not (folder/"test").is_dir(): raise FileNotFoundError(f"No test folder in {folder}")
-            return _image_folder(task, folder/"test")
-        if (folder/"val").is_dir():  # the folder has its own validation split
-            return _image_folder(task, folder/("val" if split == "validation" else "train"))
-        full = _image_folder(task, folder/"train")
-    else:
-        path, config = hub
-        if split == "test": return ExampleView(_hub_dataset(task, path, config, "test", root), transform=image_example)
-        full = ExampleView(_hub_dataset(task, path, config, "train", root), transform=image_example)
-    tr, va = _holdout(len(full), val_fraction, seed)
+# %% ../nbs/06_tasks.ipynb #b9646899
+def load_paper_task(task:Task, split:str,
+                    hub:tuple=(), # (Hugging Face dataset, config)
+                    root:str|None=None, # data root holding a local copy (default: $LLORA_DATA)
+                    source:str="auto", # "auto", a key of `SOURCE_KINDS`, or "hub"
+                    val_fraction:float=0.1, # share of train held out as `validation` (when the copy has no own one)
+                    val_max:int|None=None, # at most this many held out
+                    test_fraction:float=0.2, # share held out as `test` when the copy has no test split
+                    seed:int=0, # hold-out seed
+                    dtd_partition:int=1, # DTD's official split number in torchvision's layout
+                   ) -> ExampleView:
+    "Loader of the paper's vision and GLUE tasks, from the copy `find_copy` picks; the view knows its labels."
+    if hub and tuple(hub) != tuple(task.options.get("hub", ())): task = replace(task, options={**task.options, "hub": tuple(hub)})
+    copy = find_copy(task, root, source, dtd_partition)
+    def view(s):
+        d = copy.splits[s]()
+        label_of = label_mapper(task, d.names, d.labels, f"The {copy.source} copy of {task.name} at {copy.path or hub} ({s})")
+        return ExampleView(d.base, transform=partial(paper_example, task=task, to_example=d.to_example, label_of=label_of),
+                           base_labels=[label_of(v) for v in d.labels])
+    if split in copy.splits and (split == "test" or "validation" in copy.splits): return view(split)  # the copy's own
+    full = view("train")
+    if "test" not in copy.splits:
+        rest, test = _holdout(len(full), test_fraction, f"{seed}:test")
+        if split == "test": return full.select(test)
+        full = full.select(rest)
+    tr, va = _holdout(len(full), val_fraction, seed, val_max)
     return full.select(tr if split == "train" else va)
 
 # %% ../nbs/06_tasks.ipynb #77313ee1
 for _name, (_path, _config, _classes, _templates, _desc) in VISION_TASKS.items():
-    register_task(Task(_name, classes=_classes, templates=_templates, loader=load_vision, group="vision",
+    register_task(Task(_name, classes=_classes, templates=_templates, loader=load_paper_task, group="vision",
                        modality="image", metric="accuracy", options={"hub": (_path, _config)},
-                       source=f"Hugging Face dataset {_path}" + (f" ({_config})" if _config else ""),
+                       source=f"Hugging Face dataset {_path}" + (f" ({_config})" if _config else "") + " or a local copy",
                        licence="see the original dataset's terms", description=_desc), overwrite=True)
 
 # %% ../nbs/06_tasks.ipynb #094b6457
@@ -852,34 +1304,47 @@ GLUE_TASKS = {  # name -> (GLUE config, classes, paper prompt, improved prompt a
 }
 GLUE_HUB = "nyu-mll/glue"
 
-def prompted_example(item:dict, task:Task) -> dict:
-    "`item` with the task's prompt as `input` and its answer as `target`."
-    ex = dict(item)
-    ex["input"], ex["target"] = task.format_input(ex), task.format_target(ex)
-    return ex
-
-def load_glue(task:Task, split:str,
-              config:str="", # GLUE configuration, e.g. "cola"
-              root:str|None=None, # a `datasets` cache directory (default: $LLORA_DATA)
-              val_fraction:float=0.1, # share of GLUE's train split held out as `validation`
-              val_max:int=1000, # at most this many
-              seed:int=0, # hold-out seed
-             ):
-    "Loader of the paper's GLUE tasks: a view of examples with GLUE's fields plus `input` and `target`."
-    root = root or os.environ.get("LLORA_DATA")
-    if split == "test":
-        ds = _hub_dataset(task, GLUE_HUB, config, "validation_matched" if config == "mnli" else "validation", root)
-        return ExampleView(ds, transform=partial(prompted_example, task=task))
-    full = _hub_dataset(task, GLUE_HUB, config, "train", root)
-    tr, va = _holdout(len(full), val_fraction, seed, val_max)
-    return ExampleView(full, tr if split == "train" else va, transform=partial(prompted_example, task=task))
-
 for _name, (_config, _classes, _prompt, _improved) in GLUE_TASKS.items():
     _sets = {"paper": {"prompt": _prompt, "targets": None}}
     if _improved: _sets["improved"] = {"prompt": _improved[0], "targets": _improved[1]}
     register_task(Task(_name, kind="regression" if _config == "stsb" else "text2text", classes=_classes,
-                       prompt=_prompt, metric="spearman" if _config == "stsb" else "exact_match", loader=load_glue,
-                       options={"config": _config}, group="glue", modality="text", prompt_sets=_sets,
+                       prompt=_prompt, metric="spearman" if _config == "stsb" else "exact_match", loader=load_paper_task,
+                       options={"hub": (GLUE_HUB, _config), "val_max": 1000}, group="glue", modality="text", prompt_sets=_sets,
                        source=f"GLUE {_config} (Wang et al. 2019), Hugging Face dataset {GLUE_HUB}",
                        licence="see the GLUE terms of each task",
                        description=f"GLUE {_config.upper()} as text-to-text (paper Appendix F.1)"), overwrite=True)
+
+# %% ../nbs/06_tasks.ipynb #0f670513
+def example_labels(data) -> list:
+    "The label of every example of `data`, without decoding images: a view's `labels`, a `label` column, `targets`, else each example's."
+    labels = getattr(data, "labels", None)
+    if labels is not None and not callable(labels): return list(labels)
+    if hasattr(data, "column_names") and "label" in data.column_names: return list(data["label"])
+    if getattr(data, "targets", None) is not None: return list(data.targets)
+    return [e["label"] for e in data]
+
+def _strata(task, labels:list) -> list:
+    "The stratum of each label: its class, or for regression tasks (STS-B) the score rounded to the nearest integer."
+    if getattr(task, "kind", "classification") == "regression": return [int(round(float(v))) for v in labels]
+    return [int(v) if not isinstance(v, str) else v for v in labels]
+
+def sample_examples(task, # the task (its `kind` decides the strata)
+                    data, # its examples: an `ExampleView`, a list of dicts, a `datasets.Dataset`...
+                    n:int|None, # how many to keep (None, or at least `len(data)`: all, unchanged)
+                    seed:int=0, # sampling seed
+                   ):
+    "A seeded, class-stratified sample of `n` examples of `data`, in seeded random order, of the same type as `data`."
+    if n is None or int(n) >= len(data): return data
+    if int(n) < 0: raise ValueError(f"n must be >= 0 or None, not {n}")
+    n, strata = int(n), _strata(task, example_labels(data))
+    groups = {}
+    for i, s in enumerate(strata): groups.setdefault(s, []).append(i)
+    keys, rng = sorted(groups), random.Random(f"sample:{seed}")
+    exact = {k: n * len(groups[k]) / len(strata) for k in keys}
+    quota = {k: int(exact[k]) for k in keys}  # largest remainders get the rest: each within one of proportional
+    for k in sorted(keys, key=lambda k: (quota[k] - exact[k], rng.random()))[:n - sum(quota.values())]: quota[k] += 1
+    chosen = []
+    for k in keys:
+        idx = list(groups[k]); rng.shuffle(idx); chosen += idx[:quota[k]]
+    rng.shuffle(chosen)
+    return data.select(chosen) if hasattr(data, "select") else [data[i] for i in chosen]
