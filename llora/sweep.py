@@ -20,7 +20,7 @@ __all__ = ['EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS
            'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'RayExecutor', 'get_executor',
            'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'FusionSetup',
            'SingleUnit', 'single_unit', 'mean_normalized', 'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job',
-           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'resolve_setup',
+           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup',
            'resolve_profile', 'parse_pairs', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
@@ -328,6 +328,11 @@ def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:in
     m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=checkpoint_model_kw(cfg), **cfg.get("lora", {}))
     return m, task_vectors(m, mode, list(tasks), ckpt_root, tiny=tiny, seed=seed)
 
+def _options_json(model_kw:dict|str|None) -> str:
+    "The canonical JSON of model options, as `finetune` records them (local paths absolute)."
+    if isinstance(model_kw, str): model_kw = json.loads(model_kw)
+    return canonical_json(model_options({}, model_kw))
+
 @dataclass(frozen=True)
 class FusionSetup:
     "Model, mode, tasks, checkpoints and evaluation sizes shared by the units of a sweep."
@@ -340,8 +345,12 @@ class FusionSetup:
     val_examples: int|None = None # evaluate on the first n validation examples of each task (None: all)
     test_examples: int|None = None # same for the test split
     batch_size: int = 64 # evaluation batch size
-    model_kw: str = "{}" # JSON of the model options the checkpoints must have been trained with (`pretrained`, ...)
+    model_kw: str|dict = "{}" # model options the checkpoints must have been trained with (`pretrained`, ...; kept as JSON)
     data_root: str|None = None # local data of the tasks (None: the loaders' default, $LLORA_DATA)
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_kw", _options_json(self.model_kw))
+        if self.data_root is not None: object.__setattr__(self, "data_root", str(self.data_root))
 
     def context(self): return _context(self.model, self.mode, tuple(self.tasks), str(self.ckpt_root), self.tiny,
                                        self.seed, self.model_kw)
@@ -467,10 +476,6 @@ def finetune_job(j:FinetuneJob) -> str:
     "Run (or reuse) one fine-tuning run; return its checkpoint folder."
     return str(finetune(j.model, j.task, j.mode, preset=j.preset, seed=j.seed, out_dir=j.ckpt_root, tiny=j.tiny,
                         model_kw=json.loads(j.model_kw), data_root=j.data_root, **json.loads(j.overrides)))
-
-def _options_json(model_kw:dict|None) -> str:
-    "The canonical JSON of model options, as `finetune` records them (local paths absolute)."
-    return canonical_json(model_options({}, model_kw))
 
 def ensure_checkpoints(model:str, modes:Sequence[str], tasks:Sequence[str], ckpt_root:str|Path,
                        preset:str="embedded", tiny:bool=False, seed:int=42,
@@ -630,7 +635,11 @@ def _split_list(v) -> tuple|None:
     if isinstance(v, str): return tuple(x.strip() for x in v.split(",") if x.strip())
     return tuple(v)
 
-def _int_option(name:str, v, lo:int=1, also:tuple=(None,)):
+def int_param(name:str, # the parameter's name, for the message
+              v, # its value
+              lo:int=1, # the smallest valid integer
+              also:tuple=(None,), # other valid values, returned as they are
+             ):
     "`v` as an int >= `lo` (or one of `also` as is); else a ValueError naming the parameter and what is valid."
     if any(v is a or (isinstance(a, str) and v == a) for a in also): return v
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -643,8 +652,8 @@ def _train_overrides(overrides:dict) -> dict:
     out = {}
     for k, v in overrides.items():
         if v is None: continue
-        if k in ("steps", "warmup_steps"): v = _int_option(k, v, 0, ())
-        elif k in ("batch_size", "max_length"): v = _int_option(k, v, 1, ())
+        if k in ("steps", "warmup_steps"): v = int_param(k, v, 0, ())
+        elif k in ("batch_size", "max_length"): v = int_param(k, v, 1, ())
         elif k in ("lr", "weight_decay", "max_grad_norm"):
             try: v = float(v)
             except (TypeError, ValueError): raise ValueError(f"Parameter `{k}` must be a number, not {v!r}") from None
@@ -687,7 +696,7 @@ def resolve_setup(profile:str="embedded", # a key of `PROFILES`: "embedded", "pa
     if preset is not None: cfg["preset"] = preset
     cfg["train_overrides"] = {**p["train_overrides"], **_train_overrides(dict(train_overrides or {}))}
     for m in cfg["modes"]: resolve_hparams(cfg["preset"], m, **cfg["train_overrides"])  # unknown preset / option
-    cfg["seed"] = _int_option("seed", 42 if seed is None else seed, 0, ())
+    cfg["seed"] = int_param("seed", 42 if seed is None else seed, 0, ())
     if model_kw is not None and not isinstance(model_kw, dict):
         raise ValueError(f"Parameter `model_kw` must be a dict of model builder options (e.g. {{paper_exact: true}}), not {model_kw!r}")
     cfg["model_kw"] = {**(model_kw or {}), **({} if pretrained is None else {"pretrained": pretrained})}
@@ -721,11 +730,11 @@ def resolve_profile(profile:str="embedded", # "embedded", "paper" or "smoke"
         if k == "grids" and v == "paper": v = None
         cfg[k] = v
     if len(cfg["tasks"]) < 2: raise ValueError(f"Fusion merges at least 2 tasks; parameter `tasks` gives {list(cfg['tasks'])}")
-    cfg["max_tasks"] = _int_option("max_tasks", cfg["max_tasks"], 2)
-    cfg["subsets_per_size"] = _int_option("subsets_per_size", cfg["subsets_per_size"], 1, (None, "all"))
-    for k in ("val_examples", "test_examples"): cfg[k] = _int_option(k, cfg[k], 1)
-    cfg["batch_size"] = _int_option("batch_size", cfg["batch_size"], 1, ())
-    cfg["subset_seed"] = _int_option("subset_seed", cfg["subset_seed"], 0, ())
+    cfg["max_tasks"] = int_param("max_tasks", cfg["max_tasks"], 2)
+    cfg["subsets_per_size"] = int_param("subsets_per_size", cfg["subsets_per_size"], 1, (None, "all"))
+    for k in ("val_examples", "test_examples"): cfg[k] = int_param(k, cfg[k], 1)
+    cfg["batch_size"] = int_param("batch_size", cfg["batch_size"], 1, ())
+    cfg["subset_seed"] = int_param("subset_seed", cfg["subset_seed"], 0, ())
     if cfg["select_on"] not in ("validation", "test"):
         raise ValueError(f"Parameter `select_on` must be 'validation' or 'test', not {cfg['select_on']!r}")
     if isinstance(cfg["executor"], str) and cfg["executor"] not in EXECUTORS:
