@@ -607,10 +607,11 @@ EMBEDDED_GRIDS = {  # points of the authors' grids (HPARAM_GRIDS), fixed before 
 SMOKE_GRIDS = {"task_arithmetic": [{"scaling": 0.5}, {"scaling": 1.0}], "ties": [{"k": 0.5, "scaling": 1.0}],
                "simple_average": [{}]}
 
-PAPER_MODELS = {  # model -> its benchmark in the paper
-    "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper"),
+PAPER_MODELS = {  # model -> its benchmark in the paper (and the model options of the authors' setup)
+    "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper",
+                             model_kw={"paper_exact": True}),
     "clip-vit-b-16-openclip": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"),
-                                   preset="clip-paper"),
+                                   preset="clip-paper", model_kw={"paper_exact": True}),
     "flan-t5-base": dict(tasks=("glue-cola", "glue-mnli", "glue-mrpc", "glue-qqp", "glue-rte", "glue-sst2", "glue-stsb"),
                          preset="flan-t5-paper"),
 }
@@ -699,7 +700,8 @@ def resolve_setup(profile:str="embedded", # a key of `PROFILES`: "embedded", "pa
     cfg["seed"] = int_param("seed", 42 if seed is None else seed, 0, ())
     if model_kw is not None and not isinstance(model_kw, dict):
         raise ValueError(f"Parameter `model_kw` must be a dict of model builder options (e.g. {{paper_exact: true}}), not {model_kw!r}")
-    cfg["model_kw"] = {**(model_kw or {}), **({} if pretrained is None else {"pretrained": pretrained})}
+    paper_kw = PAPER_MODELS[cfg["model"]].get("model_kw", {}) if profile == "paper" else {}
+    cfg["model_kw"] = {**paper_kw, **(model_kw or {}), **({} if pretrained is None else {"pretrained": pretrained})}
     cfg["data_root"] = None if data_root is None else str(data_root)
     return cfg
 

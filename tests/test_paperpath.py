@@ -146,3 +146,68 @@ def test_paper_extra_declares_what_the_paper_path_imports():
     extras = __import__("json").loads(out.stdout)
     assert extras["paper"] == d["paper_requirements"].split() and "ray" in extras
     assert "pip install -e '.[paper]'" in (ROOT / "README.md").read_text()
+
+
+# ---------------------------------------------------------------- the notebooks' own setup cells
+def run_notebook_setup(name, **params):
+    "Execute a notebook's cells up to its setup cell (the one resolving the profile), with papermill-style overrides."
+    import nbformat
+    cells = [c.source for c in nbformat.read(ROOT / "nbs" / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"]
+    last = next(i for i, s in enumerate(cells) if "resolve_setup(" in s or "resolve_profile(" in s)
+    ns = {}
+    old = os.getcwd(); os.chdir(ROOT / "nbs")
+    try:
+        exec(cells[0] + "\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items()), ns)
+        for src in cells[1:last + 1]: exec(src, ns)
+    finally: os.chdir(old)
+    return ns
+
+
+BAD_PARAMETERS = [
+    ("exp_fusion", dict(tasks="rt_polarity"), "at least 2 tasks"),
+    ("exp_fusion", dict(method="tie"), "valid: simple_average"),
+    ("exp_fusion", dict(subsets_per_size="two"), "`subsets_per_size` must be"),
+    ("exp_fusion", dict(modes="lora,qlora"), "valid: full"),
+    ("exp_fusion", dict(tasks="rt_polarity,nope"), "Registered tasks"),
+    ("exp_fusion", dict(model="bert"), "registered models"),
+    ("exp_fusion", dict(preset="fast"), "presets: clip-paper"),
+    ("exp_fusion", dict(steps="two"), "`steps` must be"),
+    ("exp_fusion", dict(profile="papr"), "valid: embedded, paper, smoke"),
+    ("exp_finetune", dict(profile="papr"), "valid: embedded, paper, smoke"),
+    ("exp_finetune", dict(lr="fast"), "`lr` must be a number"),
+    ("exp_finetune", dict(modes="qlora"), "valid: full"),
+    ("exp_landscape", dict(pair="rt_polarity"), "task1:task2"),
+    ("exp_landscape", dict(grid_points="nine"), "`grid_points` must be"),
+    ("exp_disentanglement", dict(pairs="rt_polarity:nope"), "Registered tasks"),
+    ("exp_prompts", dict(method="tie"), "valid: simple_average"),
+    ("exp_prompts", dict(tasks="rt_polarity"), "at least 2 tasks"),
+    ("exp_similarity", dict(tasks="nope,spam"), "Registered tasks"),
+]
+
+
+@pytest.mark.parametrize("name, params, message", BAD_PARAMETERS, ids=lambda x: str(x)[:30])
+def test_notebook_rejects_bad_parameters_before_fine_tuning(tmp_path, train_calls, name, params, message):
+    "issue 12: each bad parameter fails within seconds, naming what is valid, with nothing fine-tuned or written."
+    dirs = dict(ckpt_dir=str(tmp_path / "ck")) if name == "exp_finetune" else dict(ckpt_root=str(tmp_path / "ck"))
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        run_notebook_setup(name, out_dir=str(tmp_path / "out"), **dirs, **params)
+    assert time.perf_counter() - t < 10 and not train_calls and not (tmp_path / "ck").exists()
+
+
+def test_notebook_setup_resolves_the_paper_profile(tmp_path):
+    "`-p profile paper -p model flan-t5-base` means the 7 GLUE tasks and flan-t5-paper, in exp_finetune as in exp_fusion."
+    import llora.sweep as S
+    checked = []
+    real = S.check_available
+    try:
+        S.check_available = lambda cfg, **kw: checked.append(cfg)  # the notebooks import it: no models or data here
+        ft = run_notebook_setup("exp_finetune", profile="paper", model="flan-t5-base", steps=7, pretrained="/w/flan",
+                                out_dir=str(tmp_path))
+        fu = run_notebook_setup("exp_fusion", profile="paper", model="flan-t5-base", steps=7, pretrained="/w/flan",
+                                out_dir=str(tmp_path))
+    finally: S.check_available = real
+    for cfg in (ft["cfg"], fu["cfg"]):
+        assert cfg["tasks"][0] == "glue-cola" and len(cfg["tasks"]) == 7 and cfg["preset"] == "flan-t5-paper"
+        assert cfg["train_overrides"] == {"steps": 7} and cfg["model_kw"] == {"pretrained": "/w/flan"}
+    assert fu["cfg"]["modes"] == ("full", "lora", "l_lora") and len(checked) == 2
