@@ -34,7 +34,8 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split(), "ray": ["ray[default]"]},
+    extras_require={"dev": cfg["dev_requirements"].split(), "ray": ["ray[default]"],
+                    "paper": cfg["paper_requirements"].split()},  # what the paper's models, tasks and multi-GPU runs import
     keywords=cfg["keywords"].split(),
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),

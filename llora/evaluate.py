@@ -16,7 +16,8 @@ from .core import progress
 from .models import TaskModel, example_target
 from .task_vectors import TaskVector
 from .tasks import score as task_score
-from .train import (MODES, checkpoint_dir, load_meta, load_trainable, prepare, resolve_task, theta0)
+from .train import (MODES, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable, prepare, resolve_task,
+                         theta0)
 
 # %% auto #0
 __all__ = ['EVAL_CACHE_BYTES', 'references', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'applied', 'merged_model',
@@ -210,9 +211,9 @@ def merged_model(model:TaskModel, # a `prepare`d model (not modified)
 # %% ../nbs/09_evaluate.ipynb #78bb5fd3
 _THETA0: dict = {}
 
-def _theta0_for(model:str, mode:str, tiny:bool, seed:int, lora:dict) -> dict:
-    key = (model, mode, bool(tiny), seed, tuple(sorted(lora.items())))
-    if key not in _THETA0: _THETA0[key] = theta0(prepare(model, mode, tiny=tiny, seed=seed, **lora))
+def _theta0_for(model:str, mode:str, tiny:bool, seed:int, lora:dict, model_kw:dict) -> dict:
+    key = (model, mode, bool(tiny), seed, tuple(sorted(lora.items())), repr(sorted(model_kw.items())))
+    if key not in _THETA0: _THETA0[key] = theta0(prepare(model, mode, tiny=tiny, seed=seed, model_kw=model_kw, **lora))
     return _THETA0[key]
 
 def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (its θ0 is used)
@@ -233,6 +234,7 @@ def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (it
         meta = load_meta(ckpt)
         cfg = meta["config"]
         if cfg["seed"] != seed: raise ValueError(f"task_vectors: {ckpt} was trained with seed {cfg['seed']}, not {seed}")
-        t0 = theta0(model) if isinstance(model, TaskModel) else _theta0_for(name, mode, tiny, seed, cfg.get("lora", {}))
+        t0 = theta0(model) if isinstance(model, TaskModel) else _theta0_for(name, mode, tiny, seed, cfg.get("lora", {}),
+                                                                           checkpoint_model_kw(cfg))
         out[tname] = TaskVector.between(t0, load_trainable(ckpt), keys=list(t0))
     return out

@@ -13,15 +13,15 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .core import atomic_write_text, progress, save_csv
+from .core import atomic_write_text, is_offline, progress, save_csv
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS',
-           'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'RayExecutor', 'get_executor', 'canonical_json',
-           'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'FusionSetup', 'SingleUnit',
-           'single_unit', 'mean_normalized', 'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job',
-           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'resolve_profile',
-           'check_available']
+           'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'RayExecutor', 'get_executor',
+           'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'FusionSetup',
+           'SingleUnit', 'single_unit', 'mean_normalized', 'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job',
+           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup',
+           'resolve_profile', 'parse_pairs', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -108,7 +108,7 @@ class RayExecutor:
             # local workers import what the driver imports (functions are pickled by reference to their module;
             # code defined in a notebook or script `__main__` travels by value): hand them the driver's sys.path
             env = {k: v for k, v in os.environ.items()
-                   if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_CACHE", "LLORA_PROGRESS")}
+                   if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_CACHE", "LLORA_DATA", "LLORA_PROGRESS")}
             env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd()] + sys.path if p and os.path.isdir(p))
             kw.setdefault("runtime_env", {"env_vars": env})
         else: kw["address"] = self.address
@@ -283,9 +283,11 @@ def _timed_call(fn, item):
 from .results import (SCHEMA, SINGLE_SCHEMA, Aggregate, best_per_task, by_size, check_results, hparams_json,
                            model_scores, normalize, reference_scores, select_best, table1, write_results)
 from .tasks import get_task, EMBEDDED_BENCHMARK
-from .train import MODES, checkpoint_dir, finetune, load_meta, prepare
+from .models import MODELS
+from .train import (MODES, base_model, checkpoint_dir, checkpoint_model_kw, finetune, load_meta, model_options,
+                         prepare, resolve_hparams, resolve_task)
 from .evaluate import applied, evaluate, task_vectors
-from .fusion import HPARAM_GRIDS, fuse
+from .fusion import HPARAM_GRIDS, METHODS, fuse
 
 # %% ../nbs/10_sweep.ipynb #32d63435
 RESULT_MODES = {"full": "standard"}  # llora.train mode -> `finetune_mode` of the results schema (the paper's names)
@@ -302,6 +304,8 @@ def sample_subsets(tasks:Sequence[str], # the tasks
     "`subsets(tasks, max_tasks)`, or a seeded sample of at most `per_size` of each size (in enumeration order)."
     subs = subsets(tasks, max_tasks)
     if per_size is None: return subs
+    if isinstance(per_size, bool) or not isinstance(per_size, (int, np.integer)) or per_size < 1:
+        raise ValueError(f"subsets_per_size must be None (every subset) or an integer >= 1, not {per_size!r}")
     rng = np.random.default_rng(seed)
     keep = []
     for k in sorted({len(s) for s in subs}):
@@ -311,13 +315,23 @@ def sample_subsets(tasks:Sequence[str], # the tasks
 
 # %% ../nbs/10_sweep.ipynb #d71339d2
 @functools.lru_cache(maxsize=2)
-def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:int):
-    "(θ0 model, {task: TaskVector}) of a (model, mode), built once per process."
-    meta = load_meta(checkpoint_dir(ckpt_root, model, mode, tasks[0], tiny=tiny))
-    cfg = meta["config"]; hp = cfg.get("hparams", {})
-    model_kw = {"max_length": hp["max_length"]} if hp.get("max_length") else {}
-    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=model_kw, **cfg.get("lora", {}))
+def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:int, model_kw:str="{}"):
+    "(θ0 model, {task: TaskVector}) of a (model, mode), built once per process from the checkpoints' own configuration."
+    cfgs = {t: load_meta(checkpoint_dir(ckpt_root, model, mode, t, tiny=tiny))["config"] for t in tasks}
+    want = json.loads(model_kw)
+    other = {t: c.get("model_kw", {}) for t, c in cfgs.items() if c.get("model_kw", {}) != want}
+    if other: raise ValueError(f"The {model}/{mode} checkpoints of {sorted(other)} in {ckpt_root} were trained with model "
+                               f"options {other}, not the requested {want}: fine-tune them again with these options "
+                               f"(`ensure_checkpoints(..., model_kw=)`, `run_fusion_sweep(..., finetune_missing=True)`) "
+                               f"or ask for theirs.")
+    cfg = cfgs[tasks[0]]
+    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=checkpoint_model_kw(cfg), **cfg.get("lora", {}))
     return m, task_vectors(m, mode, list(tasks), ckpt_root, tiny=tiny, seed=seed)
+
+def _options_json(model_kw:dict|str|None) -> str:
+    "The canonical JSON of model options, as `finetune` records them (local paths absolute)."
+    if isinstance(model_kw, str): model_kw = json.loads(model_kw)
+    return canonical_json(model_options({}, model_kw))
 
 @dataclass(frozen=True)
 class FusionSetup:
@@ -331,8 +345,15 @@ class FusionSetup:
     val_examples: int|None = None # evaluate on the first n validation examples of each task (None: all)
     test_examples: int|None = None # same for the test split
     batch_size: int = 64 # evaluation batch size
+    model_kw: str|dict = "{}" # model options the checkpoints must have been trained with (`pretrained`, ...; kept as JSON)
+    data_root: str|None = None # local data of the tasks (None: the loaders' default, $LLORA_DATA)
 
-    def context(self): return _context(self.model, self.mode, tuple(self.tasks), str(self.ckpt_root), self.tiny, self.seed)
+    def __post_init__(self):
+        object.__setattr__(self, "model_kw", _options_json(self.model_kw))
+        if self.data_root is not None: object.__setattr__(self, "data_root", str(self.data_root))
+
+    def context(self): return _context(self.model, self.mode, tuple(self.tasks), str(self.ckpt_root), self.tiny,
+                                       self.seed, self.model_kw)
 
     def max_examples(self, split:str) -> int|None:
         return self.val_examples if split == "validation" else self.test_examples
@@ -344,8 +365,8 @@ class FusionSetup:
         "`{task: score}` of θ0 + tv."
         m, _ = self.context()
         with applied(m, tv):
-            df = evaluate(m, list(tasks or self.tasks), split=split, batch_size=self.batch_size,
-                          max_examples=self.max_examples(split))
+            df = evaluate(m, [resolve_task(t, self.data_root) for t in (tasks or self.tasks)], split=split,
+                          batch_size=self.batch_size, max_examples=self.max_examples(split))
         return {t: float(s) for t, s in zip(df["task"], df["score"])}
 
     def fingerprint(self) -> str:
@@ -448,20 +469,25 @@ def fusion_unit(u:FusionUnit) -> list[dict]:
 class FinetuneJob:
     model: str; task: str; mode: str; preset: str; ckpt_root: str; tiny: bool = False; seed: int = 42
     overrides: str = "{}" # JSON of hyperparameter overrides (`steps`, `lr`, ...)
+    model_kw: str = "{}" # JSON of model builder options (`pretrained`, ...)
+    data_root: str|None = None # local data of the task (None: $LLORA_DATA)
 
 def finetune_job(j:FinetuneJob) -> str:
     "Run (or reuse) one fine-tuning run; return its checkpoint folder."
     return str(finetune(j.model, j.task, j.mode, preset=j.preset, seed=j.seed, out_dir=j.ckpt_root, tiny=j.tiny,
-                        **json.loads(j.overrides)))
+                        model_kw=json.loads(j.model_kw), data_root=j.data_root, **json.loads(j.overrides)))
 
 def ensure_checkpoints(model:str, modes:Sequence[str], tasks:Sequence[str], ckpt_root:str|Path,
                        preset:str="embedded", tiny:bool=False, seed:int=42,
                        executor:str|LocalExecutor|RayExecutor="local",
+                       model_kw:dict|None=None, # model builder options (`pretrained=`, ...), recorded in the checkpoints
+                       data_root:str|Path|None=None, # local data of the tasks (None: $LLORA_DATA)
                        **overrides, # hyperparameter overrides for `finetune` (e.g. `steps=`)
                       ) -> dict:
-    "Fine-tune every (mode, task) that has no finished checkpoint; `{(mode, task): checkpoint folder}`."
-    jobs = [FinetuneJob(model, t, m, preset, str(ckpt_root), tiny, seed, canonical_json(overrides))
-            for m in modes for t in tasks]
+    "Fine-tune every (mode, task) without a finished checkpoint of this configuration (another one warns and is retrained)."
+    root = None if data_root is None else str(data_root)
+    jobs = [FinetuneJob(model, t, m, preset, str(ckpt_root), tiny, seed, canonical_json(overrides), _options_json(model_kw),
+                        root) for m in modes for t in tasks]
     return {(j.mode, j.task): Path(p) for j, p in zip(jobs, get_executor(executor).map(finetune_job, jobs,
                                                                                       desc="fine-tune"))}
 
@@ -502,7 +528,9 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
                      tiny:bool=False, # tiny random models (tests)
                      seed:int=42, # fine-tuning seed
                      finetune_missing:bool=True, # fine-tune missing checkpoints (else: error)
-                     train_overrides:dict|None=None, # hyperparameter overrides for missing checkpoints
+                     train_overrides:dict|None=None, # hyperparameter overrides of the fine-tuning runs (`steps`, `lr`, ...)
+                     model_kw:dict|None=None, # model builder options (`pretrained=` a hub id / local folder / file, ...)
+                     data_root:str|Path|None=None, # local data of the tasks (None: the loaders' default, $LLORA_DATA)
                     ) -> SweepResult:
     "The subset × grid fusion sweep; resumable (shards in `<out_dir>/shards`); writes `sweep.csv` and `single_task.csv`."
     if select_on not in ("validation", "test"): raise ValueError(f"select_on must be 'validation' or 'test', not {select_on!r}")
@@ -510,15 +538,23 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
     if bad: raise ValueError(f"Unknown fine-tuning mode(s) {bad}; valid: {MODES}")
     tasks = tuple(getattr(t, "name", t) for t in tasks)
     for t in tasks: get_task(t)  # unknown names fail here, with the list of tasks
+    if len(tasks) < 2: raise ValueError(f"A fusion sweep merges at least 2 tasks; got tasks={list(tasks)}")
+    unknown = [me for me in methods if me not in METHODS]
+    if unknown: raise ValueError(f"Unknown fusion method(s) {unknown}; valid: {', '.join(METHODS)}")
+    for m in modes: resolve_hparams(preset, m, **(train_overrides or {}))  # bad overrides fail before any fine-tuning
+    sample_subsets(tasks, max_tasks, subsets_per_size, subset_seed)  # and a bad subset sample
     out_dir = Path(out_dir); store = ShardStore(out_dir/"shards")
     from llora.core import cache_dir
     ckpt_root = str(ckpt_root if ckpt_root is not None else cache_dir("runs"))
     ex = get_executor(executor)
     secs, t0 = {}, time.perf_counter()
     if finetune_missing:
-        ensure_checkpoints(model, modes, tasks, ckpt_root, preset, tiny, seed, ex, **(train_overrides or {}))
+        ensure_checkpoints(model, modes, tasks, ckpt_root, preset, tiny, seed, ex, model_kw=model_kw, data_root=data_root,
+                           **(train_overrides or {}))
     secs["finetune"] = time.perf_counter() - t0
-    setups = {m: FusionSetup(model, m, tasks, ckpt_root, tiny, seed, val_examples, test_examples, batch_size) for m in modes}
+    root = None if data_root is None else str(data_root)
+    setups = {m: FusionSetup(model, m, tasks, ckpt_root, tiny, seed, val_examples, test_examples, batch_size,
+                             _options_json(model_kw), root) for m in modes}
     splits = ("test",) if select_on == "test" else SPLITS
     # 1. single-task references (and θ0), one unit per (mode, task)
     t1 = time.perf_counter()
@@ -571,73 +607,185 @@ EMBEDDED_GRIDS = {  # points of the authors' grids (HPARAM_GRIDS), fixed before 
 SMOKE_GRIDS = {"task_arithmetic": [{"scaling": 0.5}, {"scaling": 1.0}], "ties": [{"k": 0.5, "scaling": 1.0}],
                "simple_average": [{}]}
 
-PAPER_MODELS = {  # model -> its benchmark in the paper
-    "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper"),
+PAPER_MODELS = {  # model -> its benchmark in the paper (and the model options of the authors' setup)
+    "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper",
+                             model_kw={"paper_exact": True}),
     "clip-vit-b-16-openclip": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"),
-                                   preset="clip-paper"),
+                                   preset="clip-paper", model_kw={"paper_exact": True}),
     "flan-t5-base": dict(tasks=("glue-cola", "glue-mnli", "glue-mrpc", "glue-qqp", "glue-rte", "glue-sst2", "glue-stsb"),
                          preset="flan-t5-paper"),
 }
 
-PROFILES = {
+PROFILES = {  # one registry: what every experiment notebook's `profile` means
     "embedded": dict(model="minilm-l6", tasks=tuple(EMBEDDED_BENCHMARK), modes=("lora", "l_lora"), preset="embedded",
-                     tiny=False, subsets_per_size=2, val_examples=16, test_examples=48, grids=EMBEDDED_GRIDS,
-                     method_kwargs={"lorahub": {"budget": 40}}, train_overrides={}),
+                     tiny=False, train_overrides={}, subsets_per_size=2, val_examples=16, test_examples=48,
+                     grids=EMBEDDED_GRIDS, method_kwargs={"lorahub": {"budget": 40}}),
     "paper": dict(model="clip-vit-b-16-hf", tasks=None, modes=("full", "lora", "l_lora"), preset=None, tiny=False,
-                  subsets_per_size=None, val_examples=None, test_examples=None, grids=None,
-                  method_kwargs={"lorahub": {"budget": 40}}, train_overrides={}),
+                  train_overrides={}, subsets_per_size=None, val_examples=None, test_examples=None, grids=None,
+                  method_kwargs={"lorahub": {"budget": 40}}),
     "smoke": dict(model="minilm-l6", tasks=tuple(EMBEDDED_BENCHMARK[:3]), modes=("lora", "l_lora"), preset="tiny",
-                  tiny=True, subsets_per_size=None, val_examples=16, test_examples=16, grids=SMOKE_GRIDS,
-                  method_kwargs={"lorahub": {"budget": 4}}, train_overrides={"steps": 2}),
+                  tiny=True, train_overrides={"steps": 2}, subsets_per_size=None, val_examples=16, test_examples=16,
+                  grids=SMOKE_GRIDS, method_kwargs={"lorahub": {"budget": 4}}),
 }
 ALL_METHODS = ("simple_average", "task_arithmetic", "ties", "lorahub")
+SWEEP_DEFAULTS = dict(max_tasks=None, select_on="validation", executor="local", batch_size=64, subset_seed=0)
+_SWEEP_OPTIONS = ("subsets_per_size", "val_examples", "test_examples", "grids", "method_kwargs", *SWEEP_DEFAULTS)
 
 def _split_list(v) -> tuple|None:
     if v is None: return None
     if isinstance(v, str): return tuple(x.strip() for x in v.split(",") if x.strip())
     return tuple(v)
 
-def resolve_profile(profile:str="embedded", # "embedded", "paper" or "smoke"
-                    method:str|Sequence[str]|None=None, # a method, "all", or a comma-separated list
-                    modes:str|Sequence[str]|None=None, # comma-separated modes (None: the profile's)
-                    tasks:str|Sequence[str]|None=None, # "embedded", "paper", a comma-separated list, or None
-                    model:str|None=None, # registry name (None: the profile's)
-                    **overrides, # any other key of the profile (`subsets_per_size`, `val_examples`, `grids`, ...)
-                   ) -> dict:
-    "The concrete sweep configuration of a notebook's parameters (keyword arguments of `run_fusion_sweep`)."
-    if profile not in PROFILES: raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PROFILES[profile].items()}
-    if model is not None: cfg["model"] = model
+def int_param(name:str, # the parameter's name, for the message
+              v, # its value
+              lo:int=1, # the smallest valid integer
+              also:tuple=(None,), # other valid values, returned as they are
+             ):
+    "`v` as an int >= `lo` (or one of `also` as is); else a ValueError naming the parameter and what is valid."
+    if any(v is a or (isinstance(a, str) and v == a) for a in also): return v
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        valid = " or ".join([repr(a) for a in also] + [f"an integer >= {lo}"])
+        raise ValueError(f"Parameter `{name}` must be {valid}, not {v!r}")
+    return int(v)
+
+def _train_overrides(overrides:dict) -> dict:
+    "Hyperparameter overrides with numbers checked (papermill's YAML gives '1e-5' as a string: floats are parsed)."
+    out = {}
+    for k, v in overrides.items():
+        if v is None: continue
+        if k in ("steps", "warmup_steps"): v = int_param(k, v, 0, ())
+        elif k in ("batch_size", "max_length"): v = int_param(k, v, 1, ())
+        elif k in ("lr", "weight_decay", "max_grad_norm"):
+            try: v = float(v)
+            except (TypeError, ValueError): raise ValueError(f"Parameter `{k}` must be a number, not {v!r}") from None
+        out[k] = v
+    return out
+
+def resolve_setup(profile:str="embedded", # a key of `PROFILES`: "embedded", "paper" or "smoke"
+                  model:str|None=None, # registry name (None: the profile's)
+                  tasks:str|Sequence[str]|None=None, # "profile"/None, "embedded", "paper", or a comma-separated list
+                  modes:str|Sequence[str]|None=None, # comma-separated fine-tuning modes (None: the profile's)
+                  preset:str|None=None, # `llora.train.PRESETS` key (None: the profile's / the paper model's)
+                  pretrained=None, # None: the registry default weights; else `get_model(pretrained=)` (hub id, folder, file, False)
+                  model_kw:dict|None=None, # more model builder options (e.g. `{"paper_exact": True}` for CLIP)
+                  data_root:str|None=None, # local data for the task loaders (None: $LLORA_DATA)
+                  seed:int|None=None, # fine-tuning seed (None: 42)
+                  train_overrides:dict|None=None, # hyperparameter overrides (`steps`, `lr`, `batch_size`, ...); None values ignored
+                 ) -> dict:
+    "What a notebook fine-tunes, from its parameters, every name checked before anything runs."
+    if profile not in PROFILES: raise ValueError(f"Unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+    cfg = dict(profile=profile, model=p["model"] if model is None else model, tasks=p["tasks"], modes=p["modes"],
+               preset=p["preset"], tiny=p["tiny"])
+    if cfg["model"] not in MODELS:
+        raise ValueError(f"Unknown model {cfg['model']!r} (parameter `model`); registered models: {', '.join(sorted(MODELS))}")
     if profile == "paper":
         if cfg["model"] not in PAPER_MODELS:
             raise ValueError(f"profile='paper' runs one of the paper's models {sorted(PAPER_MODELS)}; got model={cfg['model']!r}")
-        cfg["tasks"] = PAPER_MODELS[cfg["model"]]["tasks"]; cfg["preset"] = PAPER_MODELS[cfg["model"]]["preset"]
+        cfg["tasks"], cfg["preset"] = PAPER_MODELS[cfg["model"]]["tasks"], PAPER_MODELS[cfg["model"]]["preset"]
     if tasks not in (None, "profile", profile):
         if tasks == "embedded": cfg["tasks"] = tuple(EMBEDDED_BENCHMARK)
-        elif tasks == "paper": cfg["tasks"] = PAPER_MODELS[cfg["model"]]["tasks"]
+        elif tasks == "paper":
+            if cfg["model"] not in PAPER_MODELS: raise ValueError(f"tasks='paper' needs one of the paper's models {sorted(PAPER_MODELS)}")
+            cfg["tasks"] = PAPER_MODELS[cfg["model"]]["tasks"]
         else: cfg["tasks"] = _split_list(tasks)
+    if not cfg["tasks"]: raise ValueError(f"Parameter `tasks` names no task: {tasks!r}")
+    for t in cfg["tasks"]: get_task(t)  # an unknown name lists the registered tasks
     if modes is not None: cfg["modes"] = _split_list(modes)
-    if method is not None:
-        ms = _split_list(method)
-        cfg["methods"] = ALL_METHODS if ms == ("all",) else ms
-    else: cfg["methods"] = ("ties",)
-    unknown = [m for m in cfg["methods"] if m not in HPARAM_GRIDS and m not in ALL_METHODS]
-    if unknown: raise ValueError(f"Unknown fusion method(s) {unknown}; choose from {ALL_METHODS} or 'all'")
+    bad = [m for m in cfg["modes"] or () if m not in MODES]
+    if bad or not cfg["modes"]: raise ValueError(f"Unknown fine-tuning mode(s) {bad or modes!r} (parameter `modes`); valid: {', '.join(MODES)}")
+    if preset is not None: cfg["preset"] = preset
+    cfg["train_overrides"] = {**p["train_overrides"], **_train_overrides(dict(train_overrides or {}))}
+    for m in cfg["modes"]: resolve_hparams(cfg["preset"], m, **cfg["train_overrides"])  # unknown preset / option
+    cfg["seed"] = int_param("seed", 42 if seed is None else seed, 0, ())
+    if model_kw is not None and not isinstance(model_kw, dict):
+        raise ValueError(f"Parameter `model_kw` must be a dict of model builder options (e.g. {{paper_exact: true}}), not {model_kw!r}")
+    paper_kw = PAPER_MODELS[cfg["model"]].get("model_kw", {}) if profile == "paper" else {}
+    cfg["model_kw"] = {**paper_kw, **(model_kw or {}), **({} if pretrained is None else {"pretrained": pretrained})}
+    cfg["data_root"] = None if data_root is None else str(data_root)
+    return cfg
+
+def resolve_profile(profile:str="embedded", # "embedded", "paper" or "smoke"
+                    method:str|Sequence[str]|None=None, # a method, "all", or a comma-separated list (None: ties)
+                    modes:str|Sequence[str]|None=None, # comma-separated modes (None: the profile's)
+                    tasks:str|Sequence[str]|None=None, # "embedded", "paper", a comma-separated list, or None
+                    model:str|None=None, # registry name (None: the profile's)
+                    pretrained=None, model_kw:dict|None=None, data_root:str|None=None, preset:str|None=None,
+                    seed:int|None=None, train_overrides:dict|None=None, # as in `resolve_setup`
+                    **overrides, # the sweep's options (`subsets_per_size`, `val_examples`, `grids`, `max_tasks`, ...)
+                   ) -> dict:
+    "The concrete sweep configuration of a notebook's parameters (`resolve_setup` + the keyword arguments of `run_fusion_sweep`)."
+    cfg = resolve_setup(profile, model, tasks, modes, preset, pretrained, model_kw, data_root, seed, train_overrides)
+    p = PROFILES[profile]
+    cfg.update({k: (dict(p[k]) if isinstance(p[k], dict) else p[k])
+                for k in ("subsets_per_size", "val_examples", "test_examples", "grids", "method_kwargs")}, **SWEEP_DEFAULTS)
+    ms = ("ties",) if method is None else _split_list(method)
+    cfg["methods"] = ALL_METHODS if ms == ("all",) else ms
+    unknown = [m for m in cfg["methods"] if m not in METHODS]
+    if unknown or not cfg["methods"]:
+        raise ValueError(f"Unknown fusion method(s) {unknown or method!r} (parameter `method`); valid: {', '.join(METHODS)} or 'all'")
     for k, v in overrides.items():
+        if k not in _SWEEP_OPTIONS:
+            raise ValueError(f"Unknown sweep option {k!r}; valid: {', '.join(sorted(_SWEEP_OPTIONS))}")
         if v is None: continue
-        if k not in PROFILES[profile] and k not in ("max_tasks", "select_on", "executor", "batch_size", "subset_seed", "seed"):
-            raise ValueError(f"Unknown sweep option {k!r}")
         if k == "subsets_per_size" and v == "all": v = None
         if k == "grids" and v == "paper": v = None
         cfg[k] = v
+    if len(cfg["tasks"]) < 2: raise ValueError(f"Fusion merges at least 2 tasks; parameter `tasks` gives {list(cfg['tasks'])}")
+    cfg["max_tasks"] = int_param("max_tasks", cfg["max_tasks"], 2)
+    cfg["subsets_per_size"] = int_param("subsets_per_size", cfg["subsets_per_size"], 1, (None, "all"))
+    for k in ("val_examples", "test_examples"): cfg[k] = int_param(k, cfg[k], 1)
+    cfg["batch_size"] = int_param("batch_size", cfg["batch_size"], 1, ())
+    cfg["subset_seed"] = int_param("subset_seed", cfg["subset_seed"], 0, ())
+    if cfg["select_on"] not in ("validation", "test"):
+        raise ValueError(f"Parameter `select_on` must be 'validation' or 'test', not {cfg['select_on']!r}")
+    if isinstance(cfg["executor"], str) and cfg["executor"] not in EXECUTORS:
+        raise ValueError(f"Unknown executor {cfg['executor']!r} (parameter `executor`); valid: {', '.join(EXECUTORS)}")
+    if cfg["grids"] is not None and not isinstance(cfg["grids"], dict):
+        raise ValueError(f"Parameter `grids` must be None (the profile's), 'paper' or a dict method -> list of points, not {cfg['grids']!r}")
     return cfg
 
+def parse_pairs(spec:str, # "task1:task2,task3:task4"
+                tasks:Sequence[str]|None=None, # allowed tasks (None: any registered task)
+               ) -> list[tuple[str, str]]:
+    "Task pairs of a notebook parameter, each two different registered tasks."
+    pairs = []
+    for item in _split_list(spec) or ():
+        p = tuple(x.strip() for x in item.split(":"))
+        if len(p) != 2 or not all(p) or p[0] == p[1]:
+            raise ValueError(f"A task pair is 'task1:task2' with two different tasks, not {item!r} (e.g. "
+                             f"'{':'.join((tasks or EMBEDDED_BENCHMARK)[:2])}')")
+        for t in p:
+            get_task(t)
+            if tasks is not None and t not in tasks: raise ValueError(f"Task {t!r} of pair {item!r} is not one of {list(tasks)}")
+        pairs.append(p)
+    if not pairs: raise ValueError(f"No task pair in {spec!r}; write 'task1:task2' (comma-separated for more)")
+    return pairs
+
 # %% ../nbs/10_sweep.ipynb #3966aec7
-def check_available(profile:str, # the notebook's `profile`
-                    model:str, # the model it resolved to
+class MissingInputsError(RuntimeError):
+    "Models or data a run needs are not available (offline and not cached, or not at the given path)."
+
+def check_available(cfg:dict, # `resolve_setup` / `resolve_profile` output
+                    tasks:Sequence[str]|None=None, # only these tasks (default: `cfg["tasks"]`)
+                    splits:Sequence[str]=("train", "validation", "test"), # the splits the run reads
                    ):
-    "Fail early, naming the parameters to change, when `profile='paper'` would need downloads while offline."
-    from llora.core import require_online
-    if profile == "paper":
-        require_online(f"profile='paper' (model {model!r}, its pre-trained weights and the paper's data sets)",
-                       "profile (use profile='embedded', which runs offline) or model")
+    "Before any fine-tuning: build the model and open every split exactly as the run will; one error lists all that is missing."
+    problems = []
+    hp = resolve_hparams(cfg["preset"], cfg["modes"][0], **cfg["train_overrides"])
+    kw = model_options(hp, cfg["model_kw"])
+    try: base_model(cfg["model"], tiny=cfg["tiny"], **kw)  # kept in memory: the run's `prepare` reuses it
+    except Exception as e: problems.append(f"model {cfg['model']!r} {kw}: {type(e).__name__}: {e}")
+    for t in tasks or cfg["tasks"]:
+        task = resolve_task(t, cfg["data_root"])
+        for sp in splits:
+            try:
+                data = task.load(sp)  # lazy views: nothing decoded in bulk
+                if len(data) == 0: raise ValueError("no examples")
+                data[0]  # one example decodes
+            except Exception as e: problems.append(f"task {t!r} split {sp!r}: {type(e).__name__}: {e}")
+    if problems:
+        raise MissingInputsError(f"{len(problems)} input(s) of profile={cfg.get('profile')!r}, model={cfg['model']!r} are "
+                                 f"not available; nothing was fine-tuned. Set `pretrained` (a hub id, a local folder or "
+                                 f"checkpoint file), `data_root` (or $LLORA_DATA), `model` or `tasks`, or run with hub "
+                                 f"access{' (HF_HUB_OFFLINE is set)' if is_offline() else ''}:\n- " + "\n- ".join(problems))

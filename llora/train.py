@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #12dabd4b
 from __future__ import annotations
-import contextlib, copy, json, math, os, shutil, tempfile, time, warnings
+import contextlib, copy, dataclasses, inspect, json, math, os, shutil, tempfile, time, warnings
 from functools import partial
 from pathlib import Path
 
@@ -18,9 +18,9 @@ from .linearize import (LinearizedModelWrapper, export_lora_adapter, linear_laye
 from .models import MODELS, TaskModel, get_model
 
 # %% auto #0
-__all__ = ['MODES', 'PRESETS', 'preset_model_kw', 'resolve_hparams', 'base_model', 'prepare', 'theta0', 'make_optimizer',
-           'lr_factor', 'make_scheduler', 'checkpoint_dir', 'load_trainable', 'load_meta', 'save_adapter',
-           'resolve_task', 'train', 'finetune', 'load_finetuned']
+__all__ = ['MODES', 'PRESETS', 'preset_model_kw', 'model_options', 'resolve_hparams', 'base_model', 'prepare', 'theta0',
+           'make_optimizer', 'lr_factor', 'make_scheduler', 'checkpoint_dir', 'load_trainable', 'load_meta',
+           'save_adapter', 'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
 MODES = ("full", "lora", "l_lora", "ntk", "linear_only")
@@ -53,6 +53,21 @@ def preset_model_kw(preset:str|dict="embedded", # a key of `PRESETS` (or a dict)
     "Model options a preset fixes (`max_length`): build evaluation models with them too (`prepare(..., model_kw=)`)."
     hp = _preset(preset)
     return {"max_length": hp["max_length"]} if hp.get("max_length") else {}
+
+def _option_value(v):
+    "A model option as recorded in a checkpoint: local paths absolute (so a relative path names one folder only)."
+    if isinstance(v, Path): v = str(v)
+    if isinstance(v, str) and v and Path(v).expanduser().exists(): return str(Path(v).expanduser().resolve())
+    return v
+
+def model_options(hp:str|dict="embedded", # a `PRESETS` key, or the resolved hyperparameters of a run
+                  model_kw:dict|None=None, # the caller's model builder options (`pretrained=`, `paper_exact=`, ...)
+                 ) -> dict:
+    "Every keyword `get_model` receives for a run: the preset's (`preset_model_kw`), then `model_kw`."
+    if model_kw is not None and not isinstance(model_kw, dict):
+        raise TypeError(f"model_kw must be a dict of model builder options (e.g. {{'pretrained': False}}), "
+                        f"not {type(model_kw).__name__}")
+    return {**preset_model_kw(hp), **{k: _option_value(v) for k, v in (model_kw or {}).items()}}
 
 def _check_mode(mode:str):
     if mode not in MODES: raise ValueError(f"Unknown fine-tuning mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -251,14 +266,24 @@ def _deterministic(on:bool=True):
     try: yield
     finally: torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
-def resolve_task(task):
-    "A task object from a name (`llora.tasks.get_task`) or the object itself."
+def _takes_root(loader) -> bool:
+    "Whether a task loader accepts `root=` (the on-disk data location)."
+    try: ps = inspect.signature(loader).parameters
+    except (TypeError, ValueError): return False
+    return "root" in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
+
+def resolve_task(task, # a registered name or a task object
+                 data_root:str|Path|None=None, # local data for loaders that take `root=` (None: their default, $LLORA_DATA)
+                ):
+    "A task object from a name (`llora.tasks.get_task`) or the object itself; with `data_root`, a copy loading from there."
     if isinstance(task, str):
         from llora.tasks import get_task
-        return get_task(task)
-    if not hasattr(task, "name") or not hasattr(task, "load"):
+        task = get_task(task)
+    elif not hasattr(task, "name") or not hasattr(task, "load"):
         raise TypeError(f"A task must be a registered name or have `name` and `load`; got {type(task).__name__}")
-    return task
+    if data_root is None or not dataclasses.is_dataclass(task) or not _takes_root(getattr(task, "loader", None)):
+        return task
+    return dataclasses.replace(task, options={**task.options, "root": str(Path(data_root).expanduser())})
 
 def train(model:TaskModel, # a `prepare`d model (trained in place)
           task, # task object (or name)
@@ -324,6 +349,22 @@ def _jsonable(x):
     if isinstance(x, (str, int, float, bool)) or x is None: return x
     return str(x)
 
+def config_diff(stored:dict, # the configuration recorded in a checkpoint
+                requested:dict, # the configuration asked for
+                prefix:str="",
+               ) -> list[str]:
+    "Every setting that differs, as `'name: stored …, requested …'` (nested keys joined with '.')."
+    out = []
+    for k in sorted(set(stored) | set(requested), key=str):
+        a, b = stored.get(k, "<unset>"), requested.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict): out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b: out.append(f"{prefix}{k}: stored {a!r}, requested {b!r}")
+    return out
+
+def checkpoint_model_kw(config:dict) -> dict:
+    "The `get_model` options a checkpoint was trained with (its preset's, then its recorded `model_kw`)."
+    return model_options(config.get("hparams", {}), config.get("model_kw"))
+
 def finetune(model:str, # registry name (`llora.models.MODELS`)
              task:str, # task name (`llora.tasks`), or a task object
              mode:str, # one of `MODES`
@@ -334,6 +375,8 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
              resume:bool=True, # reuse a finished run with the same configuration
              tiny:bool=False, # tiny random model configuration (tests)
              lora:dict|None=None, # LoRA options (`r`, `alpha`, `dropout`, `targets`)
+             model_kw:dict|None=None, # model builder options for `get_model` (`pretrained=`, `paper_exact=`, ...)
+             data_root:str|Path|None=None, # local data of the task (None: the loader's default, $LLORA_DATA)
              accelerate:bool|None=None, # None: use accelerate only under a multi-process launch
              device=None, # single-process device
              **overrides, # hyperparameter overrides (`lr=`, `batch_size=`, ...)
@@ -341,18 +384,22 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
     "Fine-tune `model` on `task` in `mode`; write and return the checkpoint folder."
     _check_mode(mode)
     if model not in MODELS: raise ValueError(f"Unknown model {model!r}. Registered models: {', '.join(sorted(MODELS))}")
-    task_obj = resolve_task(task)
+    task_obj = resolve_task(task, data_root)
     hp = resolve_hparams(preset, mode, steps=steps, **overrides)
     lora = dict(lora or {})
+    user_kw = {k: _option_value(v) for k, v in (model_kw or {}).items()}
+    build_kw = model_options(hp, user_kw)
     out_dir = Path(out_dir) if out_dir is not None else cache_dir("runs")
     ckpt = checkpoint_dir(out_dir, model, mode, task_obj.name, tiny=tiny)
     config = _jsonable(dict(model=model, task=task_obj.name, mode=mode, tiny=tiny, seed=seed,
-                            preset=preset if isinstance(preset, str) else "custom", hparams=hp, lora=lora))
+                            preset=preset if isinstance(preset, str) else "custom", hparams=hp, lora=lora,
+                            **({"model_kw": user_kw} if user_kw else {})))  # no key without options: older runs match
     if resume and (ckpt / "meta.json").exists() and (ckpt / "trainable.safetensors").exists():
-        if load_meta(ckpt).get("config") == config: return ckpt
-        warnings.warn(f"finetune: {ckpt} holds a run with another configuration; retraining.")
-    model_kw = preset_model_kw(hp)
-    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=model_kw, **lora)
+        stored = load_meta(ckpt).get("config") or {}
+        if stored == config: return ckpt
+        warnings.warn(f"finetune: {ckpt} holds a run with another configuration "
+                      f"({'; '.join(config_diff(stored, config))}); retraining it with the requested one.")
+    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=build_kw, **lora)
     log = train(m, task_obj, hp, seed=seed, accelerate=accelerate, device=device,
                 desc=f"{model}/{mode}/{task_obj.name}")
     if not log["main_process"]: return ckpt
@@ -378,9 +425,7 @@ def load_finetuned(ckpt_dir:str|Path, # a checkpoint folder written by `finetune
     meta = load_meta(ckpt_dir)
     cfg = meta["config"]
     if model is None:
-        hp = cfg["hparams"]
-        model_kw = preset_model_kw(hp)
-        model = prepare(cfg["model"], cfg["mode"], tiny=cfg["tiny"], seed=cfg["seed"], model_kw=model_kw,
+        model = prepare(cfg["model"], cfg["mode"], tiny=cfg["tiny"], seed=cfg["seed"], model_kw=checkpoint_model_kw(cfg),
                         **cfg.get("lora", {}))
     sd = load_trainable(ckpt_dir, device=str(model.device))
     own = dict(model.named_parameters())
