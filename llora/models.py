@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import OfflineError, hub_cache_dir, is_offline
+from .tasks import PAPER_TEMPLATE
 
 # %% auto #0
 __all__ = ['MODELS', 'HF_WEIGHTS', 'OPENCLIP_WEIGHTS', 'MODEL_FILES', 'HF_HUB_PREFIX', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD',
@@ -70,12 +71,13 @@ def fill_template(template:str|Callable, # e.g. "a photo of a {}." or a callable
     raise ValueError(f"Template {template!r} has no placeholder (one of {_PLACEHOLDERS}).")
 
 def class_texts(task, # a `llora.tasks.Task`, or anything with `classes` (+ `label_descriptions`, `templates`)
+                templates:list|None=None, # override the task's templates (e.g. the authors' single `PAPER_TEMPLATE`)
                ) -> list[list[str]]:
     "For each class, the list of texts (descriptions × templates) whose embeddings make its zero-shot head."
-    if callable(getattr(task, "zero_shot_texts", None)): return task.zero_shot_texts()
+    if callable(getattr(task, "zero_shot_texts", None)): return task.zero_shot_texts(templates)
     descs = getattr(task, "label_descriptions", None) or getattr(task, "classes", None)
     if not descs: raise ValueError(f"Task {getattr(task, 'name', task)!r} has no classes or label_descriptions.")
-    templates = getattr(task, "templates", None) or ["{}"]
+    templates = templates or getattr(task, "templates", None) or ["{}"]
     return [[fill_template(t, d) for d in ([ds] if isinstance(ds, str) else list(ds)) for t in templates]
             for ds in descs]
 
@@ -248,10 +250,11 @@ class ZeroShotClassifier(TaskModel):
     def encode(self, batch:dict) -> torch.Tensor: raise NotImplementedError
     def encode_text(self, texts:list[str]) -> torch.Tensor: raise NotImplementedError
     text_batch_size = 256
+    head_templates = None  # None: each task's own templates
 
     def head(self, task) -> torch.Tensor:
         "The frozen zero-shot head of `task`: (n_classes, dim), unit rows; built once and cached."
-        texts = class_texts(task)
+        texts = class_texts(task, self.head_templates)
         key = (getattr(task, "name", ""), tuple(map(tuple, texts)))
         if key not in self._heads:
             with torch.inference_mode(False), torch.no_grad():
@@ -629,6 +632,7 @@ class CLIPClassifier(ZeroShotClassifier):
         super().__init__(backbone, name=name, lora_targets=targets, frozen=frozen, **kwargs)
         self.image_size, self.paper_exact, self.logit_scale = image_size, paper_exact, float(logit_scale)
         self.transform = clip_transform(image_size, paper_exact=paper_exact)
+        if paper_exact: self.head_templates = [PAPER_TEMPLATE]  # the authors' one template, not the task's ensemble
 
     def preprocess(self, task, examples:list[dict]) -> dict:
         "Transform the examples' images into `pixel_values`; `label` holds their labels."

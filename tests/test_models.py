@@ -173,6 +173,20 @@ def test_paper_exact_clip(name):
     assert x.min() >= 0 and x.max() <= 1  # no mean/std normalization
 
 
+@pytest.mark.parametrize("name", ["clip-vit-b-16-openclip", "clip-vit-b-16-hf"])
+def test_paper_exact_clip_heads_use_the_authors_template(name):
+    "The authors build every zero-shot head from one template; the default model uses the task's ensemble."
+    from llora.tasks import PAPER_TEMPLATE, get_task
+    task = get_task("EuroSAT")
+    exact, default = get_model(name, tiny=True, paper_exact=True), get_model(name, tiny=True)
+    assert exact.head_templates == [PAPER_TEMPLATE] and default.head_templates is None
+    texts = class_texts(task, exact.head_templates)
+    assert [len(t) for t in texts] == [1] * task.n_classes
+    assert texts[0] == [PAPER_TEMPLATE.format(c=task.label_descriptions[0])]
+    assert len(class_texts(task)[0]) == len(task.templates) > 1
+    assert not torch.allclose(exact.head(task), default.head(task))
+
+
 def test_real_size_hf_clip_q_only_count():
     "The paper's Table 3: 294K trainable parameters for q_proj-only LoRA on ViT-B/16 (random weights, offline)."
     m = get_model("clip-vit-b-16-hf", pretrained=False, paper_exact=True).add_lora()
