@@ -830,7 +830,8 @@ def build_hf_clip(tiny:bool=False, # tiny random CLIP (offline; a named `pretrai
         clip, tok = load_hf(lambda loc, **kw: (CLIPModel.from_pretrained(loc, **kw), AutoTokenizer.from_pretrained(loc, **kw)),
                             "openai/clip-vit-base-patch16" if pretrained is True else str(pretrained), "clip-hf",
                             "clip-vit-b-16-hf")
-        tokenize = lambda texts: dict(tok(list(texts), padding=True, return_tensors="pt"))
+        n = clip.config.text_config.max_position_embeddings  # class texts longer than the text tower reads are cut
+        tokenize = lambda texts: dict(tok(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt"))
     return HFCLIPClassifier(clip.float(), tokenize, name="clip-vit-b-16-hf", paper_exact=paper_exact)
 
 # %% ../nbs/07_models.ipynb #70aa44f2

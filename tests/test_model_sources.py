@@ -189,3 +189,10 @@ def test_unreachable_hub_fails_fast_or_uses_cache(monkeypatch, tmp_path, hub):
     assert time.time() - t0 < 5 and "pretrained=<local folder>" in str(e.value)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub[0]))
     assert_predicts(get_model("flan-t5-base", pretrained=hub[1]["flan-t5-base"]))
+
+
+def test_hf_clip_truncates_long_class_texts(local, offline):
+    "A class text longer than the text tower's positions is cut, not an error (the stand-in reads 16 positions)."
+    m = get_model("clip-vit-b-16-hf", pretrained=str(local["clip-vit-b-16-hf"]))
+    emb = m.encode_text(["a centered satellite photo of " + "very " * 40 + "dense forest land", "a lake"])
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
