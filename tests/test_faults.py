@@ -1,0 +1,88 @@
+"Fault injection (fast, CPU, offline): bad inputs to linearization, fusion, normalization and the notebooks fail early and clearly, and lose nothing."
+import copy
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+from llora.linearize import linearization_point, linearize_lora, linearized_layers
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model
+
+D = torch.float64
+
+
+def lora_mlp(seed=0, init=True):
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    m.add_module("q", nn.Linear(6, 8)); m.add_module("act", nn.Tanh()); m.add_module("v", nn.Linear(8, 3))
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["q", "v"], init_lora_weights=init)
+    return get_peft_model(m.to(D), cfg).to(D)
+
+
+def phi0_of(seed=0, init=True):
+    return {k: v.clone() for k, v in linearization_point(linearize_lora(lora_mlp(seed, init))).items()}
+
+
+# ------------------------------------------------------------------------------------ linearize_lora(init_state=)
+def _unchanged(m):
+    "The model is still a plain LoRA model: no layer linearized, and it can be linearized again."
+    assert not linearized_layers(m)
+    linearize_lora(m)
+    assert len(linearized_layers(m)) == 2
+
+
+def test_init_state_missing_layer_changes_nothing():
+    m, phi0 = lora_mlp(), phi0_of()
+    v_keys = [k for k in phi0 if ".v." in k]
+    with pytest.raises(ValueError, match=r"init_state lacks .*\.v\.lora_A"):
+        linearize_lora(m, init_state={k: x for k, x in phi0.items() if k not in v_keys})
+    _unchanged(m)  # all or nothing: the layer `q`, checked first, was not linearized either
+
+
+def test_init_state_wrong_shape_names_layer_and_shapes():
+    m, phi0 = lora_mlp(), phi0_of()
+    key = next(k for k in phi0 if ".v.lora_B." in k)
+    bad = {**phi0, key: torch.zeros(4, 3, dtype=D)}
+    with pytest.raises(ValueError, match=rf"{key}.*expected shape \(3, 3\).*got \(4, 3\)"):
+        linearize_lora(m, init_state=bad)
+    _unchanged(m)
+
+
+@pytest.mark.parametrize("bad,msg", [(lambda s: s.to(torch.int64), "floating-point"),
+                                     (lambda s: s.numpy(), "torch.Tensor"),
+                                     (lambda s: s.fill_(float("nan")), "NaN or inf")])
+def test_init_state_bad_tensors(bad, msg):
+    m, phi0 = lora_mlp(), phi0_of()
+    key = next(k for k in phi0 if ".q.lora_A." in k)
+    with pytest.raises(ValueError, match=msg): linearize_lora(m, init_state={**phi0, key: bad(phi0[key])})
+    _unchanged(m)
+
+
+def test_init_state_all_zero_lora_branch_is_rejected():
+    "A0 = B0 = 0: the expansion is the base model and no parameter gets a gradient (the LoRA branch is dead)."
+    m, phi0 = lora_mlp(), phi0_of()
+    zero = {k: (torch.zeros_like(v) if ".v." in k else v) for k, v in phi0.items()}
+    with pytest.raises(ValueError, match=r"'base_model\.model\.v'.*adapter 'default'.*all zero"):
+        linearize_lora(m, init_state=zero)
+    _unchanged(m)
+
+
+def test_current_values_all_zero_are_rejected_too():
+    m = lora_mlp()
+    with torch.no_grad(): m.base_model.model.q.lora_A["default"].weight.zero_()
+    with pytest.raises(ValueError, match=r"'base_model\.model\.q'.*all zero"): linearize_lora(m)
+    assert not linearized_layers(m)
+
+
+def test_valid_init_state_with_one_zero_factor_still_works():
+    "B0 = 0 (peft's default init) or A0 = 0 alone leave a trainable expansion: accepted."
+    m, phi0 = lora_mlp(init=False), phi0_of(init=False)
+    a_zero = {k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in phi0.items()}
+    linearize_lora(m, init_state=a_zero)
+    assert len(linearized_layers(m)) == 2
