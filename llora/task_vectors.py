@@ -257,10 +257,19 @@ def to(self:TaskVector,
            device:str|torch.device|None=None, # target device (None: keep)
            dtype:torch.dtype|None=None, # target floating dtype (None: keep)
           ) -> TaskVector:
-    "A copy on `device` and/or with `dtype`."
+    "A copy on `device` and/or with `dtype`; raises if a finite entry would overflow `dtype` (become inf)."
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"TaskVector.to: dtype must be floating-point, got {dtype}")
-    return TaskVector({k: v.to(device=device, dtype=dtype) for k, v in self.items()}, check=False)
+    out = {k: v.to(device=device, dtype=dtype) for k, v in self.items()}
+    if dtype is not None:
+        overflow = [k for k, v in out.items() if torch.finfo(dtype).max < torch.finfo(self[k].dtype).max
+                    and not torch.isfinite(v).all() and torch.isfinite(self[k]).all()]
+        if overflow:
+            raise ValueError(f"TaskVector.to: converting to {str(dtype).replace('torch.', '')} overflows "
+                             f"(|x| > {torch.finfo(dtype).max:g}) in {len(overflow)} tensor(s): {_fmt_keys(overflow)}. "
+                             "Keep the task vector in float32 (merge in float32 and cast the merged model), "
+                             "or scale it down first.")
+    return TaskVector(out, check=False)
 
 def _unshare(tensors:dict) -> dict:
     "Clone tensors whose storage another tensor already uses (safetensors refuses shared storage)."
