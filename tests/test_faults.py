@@ -86,3 +86,48 @@ def test_valid_init_state_with_one_zero_factor_still_works():
     a_zero = {k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in phi0.items()}
     linearize_lora(m, init_state=a_zero)
     assert len(linearized_layers(m)) == 2
+
+
+# ----------------------------------------------------------------------------------- normalized score: bad references
+def test_mean_normalized_zero_reference_warns_and_leaves_the_task_out():
+    from llora.sweep import mean_normalized
+    with pytest.warns(UserWarning, match=r"single-task reference.*'b': 0\).*left out"):
+        v = mean_normalized({"a": 0.4, "b": 0.3, "c": 0.9}, {"a": 0.8, "b": 0.0, "c": 0.9})  # was ZeroDivisionError
+    assert v == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_mean_normalized_negative_reference_does_not_reach_selection():
+    "A negative reference (STS-B's Spearman) would rank a worse merged model higher: it is left out, with a warning."
+    from llora.sweep import mean_normalized
+    refs = {"a": 0.5, "stsb": -0.2}
+    with pytest.warns(UserWarning, match=r"'stsb': -0\.2"):
+        better, worse = mean_normalized({"a": 0.5, "stsb": 0.1}, refs), mean_normalized({"a": 0.5, "stsb": -0.3}, refs)
+    assert better == worse == 1.0  # -0.3 / -0.2 = 1.5 would have beaten 0.1 / -0.2 = -0.5
+    with pytest.warns(UserWarning, match=r"'a': nan"):
+        assert mean_normalized({"a": 0.2, "b": float("nan")}, {"a": float("nan"), "b": 0.5}) == 0.0  # NaN score -> 0
+    with pytest.raises(ValueError, match="no task has a positive single-task reference"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mean_normalized({"a": 0.2}, {"a": 0.0})
+
+
+def _tables(ref_b):
+    import pandas as pd
+    from llora.results import check_results
+    single = pd.DataFrame([dict(model="m", finetune_mode="lora", task=t, version=0, step=5, hparams="{}", split="test",
+                                score=s) for t, s in (("a", 0.8), ("b", ref_b))])
+    rows = [dict(model="m", finetune_mode="lora", method="task_arithmetic", subset="a+b", n_tasks=2,
+                 hparams=f'{{"scaling":{lam}}}', task=t, split="test", score=s)
+            for lam, sa, sb in ((0.5, 0.4, 0.3), (1.0, 0.8, -0.1)) for t, s in (("a", sa), ("b", sb))]
+    return check_results(pd.DataFrame(rows)), single
+
+
+@pytest.mark.parametrize("ref_b", [0.0, -0.25])
+def test_aggregate_with_a_non_positive_reference(ref_b):
+    from llora.results import aggregate
+    res, single = _tables(ref_b)
+    with pytest.warns(UserWarning, match=rf"'m/lora/b': {ref_b:.4g}\)"):
+        agg = aggregate(res, single)  # reference_scores raised ResultsError, the sweep's end crashed with it
+    assert agg.per_task.set_index("task").loc["b", "normalized"] != agg.per_task.set_index("task").loc["b", "normalized"]  # NaN
+    assert agg.best.iloc[0].hparams == '{"scaling":1.0}'  # chosen on task a alone: 0.8 / 0.8
+    assert agg.best.iloc[0].normalized == pytest.approx(1.0)
