@@ -131,3 +131,42 @@ def test_aggregate_with_a_non_positive_reference(ref_b):
     assert agg.per_task.set_index("task").loc["b", "normalized"] != agg.per_task.set_index("task").loc["b", "normalized"]  # NaN
     assert agg.best.iloc[0].hparams == '{"scaling":1.0}'  # chosen on task a alone: 0.8 / 0.8
     assert agg.best.iloc[0].normalized == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ notebook parameters: checked before any fine-tuning
+# (each case starts a kernel and imports llora, ~12 s: the cases and one more per notebook)
+from pathlib import Path
+import time
+
+NBS = Path(__file__).resolve().parents[1] / "nbs"
+
+
+def papermill_error(notebook, tmp_path, **parameters):
+    "Run `notebook` with `parameters` (outputs under tmp_path); return the message of the error it must stop with."
+    pm = pytest.importorskip("papermill")
+    parameters = dict(out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ckpt"), **parameters)
+    t0 = time.perf_counter()
+    with pytest.raises(pm.PapermillExecutionError) as e:  # a cell running longer means fine-tuning started
+        pm.execute_notebook(str(NBS / notebook), str(tmp_path / "executed.ipynb"), parameters=parameters,
+                            cwd=str(NBS), kernel_name="python3", progress_bar=False, execution_timeout=60)
+    assert time.perf_counter() - t0 < 90
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()  # nothing built, nothing written
+    return str(e.value)
+
+
+@pytest.mark.parametrize("params,msg", [
+    (dict(method="tie"), r"-p method 'tie' is not valid; valid: lorahub, simple_average, task_arithmetic, ties"),
+    (dict(tasks="rt_polarity"), r"-p tasks 'rt_polarity' is not valid; valid: 'auto' or a comma-separated list of at least two"),
+])
+def test_exp_prompts_rejects_bad_parameters_before_fine_tuning(params, msg, tmp_path):
+    import re
+    assert re.search(msg, papermill_error("exp_prompts.ipynb", tmp_path, **params))
+
+
+@pytest.mark.parametrize("params,msg", [
+    (dict(pair="rt_polarity"), r"-p pair 'rt_polarity' is not valid; valid: 'auto' or 'task1:task2' with two different"),
+    (dict(grid_points="nine"), r"-p grid_points 'nine' is not valid; valid: an integer >= 2"),
+])
+def test_exp_landscape_rejects_bad_parameters_before_fine_tuning(params, msg, tmp_path):
+    import re
+    assert re.search(msg, papermill_error("exp_landscape.ipynb", tmp_path, **params))
