@@ -170,3 +170,48 @@ def test_exp_prompts_rejects_bad_parameters_before_fine_tuning(params, msg, tmp_
 def test_exp_landscape_rejects_bad_parameters_before_fine_tuning(params, msg, tmp_path):
     import re
     assert re.search(msg, papermill_error("exp_landscape.ipynb", tmp_path, **params))
+
+
+# -------------------------------------------------------------------------- report.ipynb: no report from missing inputs
+RESULTS = NBS.parent / "results"
+
+
+def _report_out(tmp_path):
+    "An out_dir holding a copy of the committed report, to check it is left alone."
+    import shutil
+    out = tmp_path / "report_out"; out.mkdir()
+    for f in ("report.md", "report.csv"): shutil.copy(RESULTS / "embedded" / f, out / f)
+    return out
+
+
+def run_report(tmp_path, **parameters):
+    pm = pytest.importorskip("papermill")
+    return pm.execute_notebook(str(NBS / "report.ipynb"), str(tmp_path / "report.ipynb"), parameters=parameters,
+                               cwd=str(NBS), kernel_name="python3", progress_bar=False, execution_timeout=120)
+
+
+@pytest.mark.parametrize("allow_missing", [False, True])
+def test_report_refuses_a_results_dir_typo(tmp_path, allow_missing):
+    pm = pytest.importorskip("papermill")
+    out = _report_out(tmp_path); before = (out / "report.md").read_bytes()
+    with pytest.raises(pm.PapermillExecutionError, match=r"results_dir '\.\./results/embeded' is not a folder"):
+        run_report(tmp_path, results_dir="../results/embeded", out_dir=str(out), allow_missing=allow_missing)
+    assert (out / "report.md").read_bytes() == before
+
+
+def test_report_names_missing_inputs_and_writes_a_partial_report_only_when_asked(tmp_path):
+    import shutil
+    pm = pytest.importorskip("papermill")
+    partial = tmp_path / "partial"
+    shutil.copytree(RESULTS / "embedded" / "similarity", partial / "similarity")  # only exp_similarity was run
+    out = _report_out(tmp_path); before = (out / "report.md").read_bytes()
+    with pytest.raises(pm.PapermillExecutionError, match=r"4 input file\(s\) missing: .*fusion/table1\.csv.*allow_missing"):
+        run_report(tmp_path, results_dir=str(partial), out_dir=str(out))
+    assert (out / "report.md").read_bytes() == before
+    run_report(tmp_path, results_dir=str(partial), out_dir=str(out), allow_missing=True)
+    md = (out / "report.md").read_text()
+    assert "cannot test" in md and ("supports" in md or "contradicts" in md or "inconclusive" in md)
+    (tmp_path / "empty").mkdir()  # a folder without any result: no claim testable, nothing replaced
+    with pytest.raises(pm.PapermillExecutionError, match="no claim can be tested"):
+        run_report(tmp_path, results_dir=str(tmp_path / "empty"), out_dir=str(out), allow_missing=True)
+    assert (out / "report.md").read_text() == md
