@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fastcore.basics import patch
 
@@ -293,8 +294,13 @@ def load(cls:TaskVector,
              path:str|Path, # a file written by `TaskVector.save` (or any safetensors of floating tensors)
              device:str="cpu", # where to load it
             ) -> TaskVector:
-    "Load a task vector from a safetensors file."
-    return cls(load_tensors(path, device=device))
+    "Load a task vector from a safetensors file; a truncated or corrupted file raises `ValueError` naming it."
+    try: tensors = load_tensors(path, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"TaskVector.load: {path} is not a readable safetensors file ({e}): it is truncated or "
+                         "corrupted; write it again with TaskVector.save.") from e
+    try: return cls(tensors)
+    except ValueError as e: raise ValueError(f"TaskVector.load: {path}: {e} (a corrupted file?)") from e
 
 # %% ../nbs/02_task_vectors.ipynb #fabaa745
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")

@@ -215,3 +215,32 @@ def test_report_names_missing_inputs_and_writes_a_partial_report_only_when_asked
     with pytest.raises(pm.PapermillExecutionError, match="no claim can be tested"):
         run_report(tmp_path, results_dir=str(tmp_path / "empty"), out_dir=str(out), allow_missing=True)
     assert (out / "report.md").read_text() == md
+
+
+# ------------------------------------------------------------------------ task vector files: truncation, corruption
+def _saved(tmp_path):
+    from llora.task_vectors import TaskVector
+    tv = TaskVector({"a": torch.randn(100), "b": torch.randn(10, 10)})
+    return tv, tv.save(tmp_path / "tv.safetensors")
+
+
+@pytest.mark.parametrize("cut", [20, 0.5, -4])
+def test_truncated_task_vector_file_names_the_file(tmp_path, cut):
+    from llora.task_vectors import TaskVector
+    _, p = _saved(tmp_path)
+    raw = p.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(raw[:int(len(raw) * cut) if isinstance(cut, float) else cut])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors is not a readable safetensors file.*TaskVector\.save"):
+        TaskVector.load(bad)
+
+
+def test_corrupted_task_vector_values_name_the_file_and_tensor(tmp_path):
+    from llora.task_vectors import TaskVector
+    _, p = _saved(tmp_path)
+    raw = bytearray(p.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # safetensors: 8-byte header length, JSON header, then the data
+    raw[start:start + 4] = bytes([0, 0, 0xC0, 0x7F])  # one float32 flipped to NaN
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"flipped\.safetensors: .*tensor '(a|b)' contains NaN or inf"):
+        TaskVector.load(tmp_path / "flipped.safetensors")
