@@ -244,3 +244,14 @@ def test_corrupted_task_vector_values_name_the_file_and_tensor(tmp_path):
     (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"flipped\.safetensors: .*tensor '(a|b)' contains NaN or inf"):
         TaskVector.load(tmp_path / "flipped.safetensors")
+
+
+# ------------------------------------------------------------------------------------ results files: truncation
+@pytest.mark.parametrize("cut", ["mid_line", "header_only", "empty", "binary"])
+def test_truncated_or_corrupted_results_csv_names_the_file(tmp_path, cut):
+    from llora.results import ResultsError, load_results
+    raw = (RESULTS / "embedded" / "fusion" / "sweep.csv").read_bytes()
+    data = {"mid_line": raw[:len(raw) // 2], "header_only": raw[:raw.index(b"\n") + 1], "empty": b"",
+            "binary": b"\x00\xff" * 50}[cut]
+    (tmp_path / "sweep.csv").write_bytes(data)
+    with pytest.raises(ResultsError, match=r"sweep\.csv: "): load_results(tmp_path / "sweep.csv")
