@@ -80,19 +80,64 @@ def keep_count(n:int, # number of entries
                k:float, # fraction to keep, in (0, 1]
                trim_rule:str="topk", # "topk" (floor(k·n), peft/mergekit) or "authors" (TIES reference code)
               ) -> int:
-    "How many of `n` entries the trim keeps."
+    "How many of `n` entries the trim keeps (\"authors\": at least, as it also keeps every entry tied at the threshold)."
     if trim_rule == "topk": return int(k * n)
     if trim_rule == "authors": return n - max(n - int(n * k), 1) + 1
     raise ValueError(f"trim_rule must be one of {TRIM_RULES}, got {trim_rule!r}")
 
-def _threshold(tensors:Sequence[torch.Tensor], k:float, trim_rule:str) -> float:
-    "Magnitude threshold of the trim: keep |x| >= threshold (inf keeps nothing)."
-    m = keep_count(sum(t.numel() for t in tensors), k, trim_rule)
-    return math.inf if m == 0 else kth_largest_magnitude(tensors, m)
+_SLICE = 1 << 22  # entries per slice of one tensor: the merge holds n such slices (+ a few masks) at a time
 
-def _keep_mask(t:torch.Tensor, threshold:float, wide:bool=False) -> torch.Tensor:
-    "Entries of `t` the trim keeps: |t| >= threshold, compared exactly (as float32, or float64 when `wide`)."
-    return t.abs().to(torch.float64 if wide or t.dtype == torch.float64 else torch.float32) >= threshold
+def _magnitude(t:torch.Tensor, wide:bool) -> torch.Tensor:
+    "|t| flattened, in the precision the trim compares in: float32, or float64 when `wide` or `t` is float64."
+    return t.detach().reshape(-1).abs().to(torch.float64 if wide or t.dtype == torch.float64 else torch.float32)
+
+def _count_above_and_at(t:torch.Tensor, threshold:float, wide:bool) -> tuple[int, int]:
+    "Entries of `t` with |x| > threshold and with |x| == threshold (in slices, no full-size temporaries)."
+    flat, above, at = t.reshape(-1), 0, 0
+    for lo in range(0, flat.numel(), _SLICE):
+        a = _magnitude(flat[lo:lo + _SLICE], wide)
+        above += int((a > threshold).sum()); at += int((a == threshold).sum())
+    return above, at
+
+class _Trim:
+    """The entries one task vector keeps: |x| above its threshold and, of the entries tied at it, all ("authors")
+    or the first ones in `TaskVector.flatten` order (tensors by sorted name, entries row-major) up to floor(k·N) ("topk")."""
+    def __init__(self, tv:Mapping, k:float, trim_rule:str, scope:str):
+        self.wide = scope == "global" and any(v.dtype == torch.float64 for v in tv.values())
+        self.plan, self.taken, self.emptied = {}, dict.fromkeys(tv, 0), []
+        keys = sorted(tv)
+        for group in ([keys] if scope == "global" else [[key] for key in keys]):
+            ts = [tv[key] for key in group]
+            m = keep_count(sum(t.numel() for t in ts), k, trim_rule)
+            if m == 0: self.emptied += group
+            threshold = math.inf if m == 0 else kth_largest_magnitude(ts, m)
+            counts = {key: _count_above_and_at(tv[key], threshold, self.wide) for key in group} if m and trim_rule == "topk" else {}
+            budget = m - sum(above for above, _ in counts.values())  # tied entries "topk" may still keep
+            for key in group:
+                take = None  # None: every tied entry
+                if key in counts: take = min(budget, counts[key][1]); budget -= take
+                self.plan[key] = (threshold, take)
+
+    def mask(self, key:str, t:torch.Tensor) -> torch.Tensor:
+        "Keep-mask of `t`, the next slice (row-major) of tensor `key`: call it slice after slice, in order."
+        threshold, take = self.plan[key]
+        a = _magnitude(t, self.wide)
+        keep = a > threshold
+        if take is None: keep |= a == threshold
+        elif take > self.taken[key]:
+            at = a == threshold
+            keep |= at & (at.cumsum(0) <= take - self.taken[key])
+            self.taken[key] += int(at.sum())
+        return keep.view(t.shape)
+
+def _warn_emptied(trims:list, k:float, scope:str, where:str):
+    "Warn when the trim keeps no entry of some tensor (per tensor) or of a whole task vector (global)."
+    emptied = sorted({key for t in trims for key in t.emptied})
+    if not emptied: return
+    what = f"{len(emptied)} tensor(s) ({', '.join(map(repr, emptied[:5]))}{', ...' if len(emptied) > 5 else ''})"
+    warnings.warn(f"{where}: the {scope} trim at k={k} keeps no entry of {what}, which have fewer than 1/k entries, "
+                  "so they merge to zero (peft does the same silently; mergekit refuses). Use scope='global' or a "
+                  "larger k to keep them.", stacklevel=3)
 
 # %% ../nbs/03_fusion.ipynb #39ade46b
 SCOPES = ("global", "per_tensor")
@@ -141,8 +186,6 @@ def _tie_candidates(X:torch.Tensor, # (n, *shape) trimmed, weighted task tensors
         cands.append(v)
     return idx, cands[0], cands[1]
 
-_SLICE = 1 << 22  # entries per slice of one tensor: the merge holds n such slices (+ a few masks) at a time
-
 def _combine_slice(X:torch.Tensor, # (n, m) trimmed task entries (our own copy: modified in place)
                    w:list|None, # per-task weights or None
                    elect_sign:bool, combine:str, sign_tie:str,
@@ -175,15 +218,24 @@ def _combine_slice(X:torch.Tensor, # (n, m) trimmed task entries (our own copy: 
     elif combine == "mean": res /= n
     return res, tie, tally
 
+def _check_result_finite(out:dict, where:str):
+    "The inputs are finite, so a non-finite result overflowed its dtype: say where and what to do."
+    for key, v in out.items():
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{where}: the merged result overflows {str(v.dtype).replace('torch.', '')} in tensor "
+                             f"{key!r} (the sum is accumulated in float32, but |value| exceeds "
+                             f"{torch.finfo(v.dtype).max:g} when cast back); the inputs are finite. Merge in float32: "
+                             "pass [tv.to(dtype=torch.float32) for tv in task_vectors], or lower `scaling`/`weights`.")
+
 def merge(task_vectors:Sequence[TaskVector], # task vectors with identical keys/shapes/dtypes/devices
           weights:Sequence[float]|None=None, # per-task weights w_i (default all 1)
           k:float|None=None, # trim: fraction of entries kept per task, in (0, 1]; None: no trim
           scope:str="global", # trim threshold over all parameters of a task ("global") or per tensor ("per_tensor")
-          trim_rule:str="topk", # "topk": floor(k·N) largest; "authors": the TIES reference code's rule (one more)
+          trim_rule:str="topk", # "topk": exactly floor(k·N) largest; "authors": the TIES reference code's (ties kept)
           elect_sign:bool=False, # drop entries whose sign disagrees with the sign of the total mass
           combine:str="sum", # "sum", "mean" (÷ n) or "disjoint_mean" (÷ number of surviving non-zero entries)
           scaling:float=1.0, # lambda, multiplies the result
-          sign_tie:str="majority", # elected sign exactly 0: "majority" of all elected signs (TIES code) or "positive"
+          sign_tie:str="majority", # elected sign exactly 0: sign of the tally of all signs (TIES code) or "positive" (peft)
          ) -> TaskVector:
     "The generalized streamed merge: trim → weight → elect sign → combine → scale, one tensor at a time."
     where = "merge"
@@ -198,8 +250,8 @@ def merge(task_vectors:Sequence[TaskVector], # task vectors with identical keys/
     _choice(combine, "combine", COMBINES, where); _choice(sign_tie, "sign_tie", SIGN_TIES, where)
     scaling = _finite(scaling, "scaling", where)
     trim = k is not None and k < 1  # k == 1 keeps everything under both rules
-    thresholds = [_threshold(list(tv.values()), k, trim_rule) for tv in tvs] if trim and scope == "global" else None
-    wide = [scope == "global" and any(v.dtype == torch.float64 for v in tv.values()) for tv in tvs]
+    trims = [_Trim(tv, k, trim_rule, scope) for tv in tvs] if trim else None
+    if trim: _warn_emptied(trims, k, scope, where)
 
     out, ties, tally = {}, [], 0
     for key in tvs[0]:
@@ -211,25 +263,24 @@ def merge(task_vectors:Sequence[TaskVector], # task vectors with identical keys/
             if combine == "mean": res /= n
             out[key] = (res * scaling).to(ref.dtype)
             continue
-        if trim and thresholds is None: t_key = [_threshold([tv[key]], k, trim_rule) for tv in tvs]
-        elif trim: t_key = thresholds
         flats = [tv[key].reshape(-1) for tv in tvs]  # views for contiguous tensors
         res_flat = torch.empty(ref.numel(), dtype=ref.dtype, device=ref.device)
         for lo in range(0, ref.numel(), _SLICE):  # n slices of at most _SLICE entries in memory at a time
             X = torch.stack([f[lo:lo + _SLICE].to(acc) for f in flats])
             if trim:
-                for i, f in enumerate(flats): X[i].masked_fill_(~_keep_mask(f[lo:lo + _SLICE], t_key[i], wide[i]), 0)
+                for i, f in enumerate(flats): X[i].masked_fill_(~trims[i].mask(key, f[lo:lo + _SLICE]), 0)
             res, tie, tally_ = _combine_slice(X, w if weights is not None else None, elect_sign, combine, sign_tie)
             tally += tally_
             if tie is not None: ties.append((key, tie[0] + lo, tie[1], tie[2]))
             res_flat[lo:lo + _SLICE] = res * scaling
             del X, res  # free this slice before stacking the next one
         out[key] = res_flat.view(ref.shape)
-    if ties:
-        pos = tally >= 0  # a zero tally counts as positive, as in the TIES reference code
+    if ties:  # the TIES reference: sign 0 -> sign of the tally; a zero tally leaves 0, and x < 0 is kept
+        pos = tally > 0
         for key, idx, vp, vn in ties:
             out[key].view(-1)[idx] = ((vp if pos else vn) * scaling).to(out[key].dtype)
-    return TaskVector(out)
+    _check_result_finite(out, where)
+    return TaskVector(out, check=False)
 
 # %% ../nbs/03_fusion.ipynb #1ebb1396
 METHODS: dict[str, Callable] = {}
@@ -288,8 +339,8 @@ def ties(task_vectors:Sequence[TaskVector], # task vectors to merge
          k:float=0.2, # fraction of entries kept per task (TIES paper default: 20%)
          scaling:float=1.0, # lambda applied to the merged vector
          scope:str="global", # "global": top-k over all parameters of each task (TIES/authors); "per_tensor": peft
-         trim_rule:str="topk", # "topk" (floor(k·N)) or "authors" (the TIES reference code: one entry more)
-         sign_tie:str="majority", # rule for an elected sign of exactly 0 ("majority" as TIES code, or "positive")
+         trim_rule:str="topk", # "topk" (exactly floor(k·N), peft/mergekit) or "authors" (TIES reference code: ties kept)
+         sign_tie:str="majority", # elected sign exactly 0: "majority" (TIES reference code) or "positive" (peft/mergekit)
          weights:Sequence[float]|None=None, # optional per-task weights (applied before sign election)
         ) -> TaskVector:
     "TIES-merging (Yadav et al., 2023): trim to top-`k` magnitude, elect sign by total mass, disjoint mean, scale."
@@ -313,11 +364,14 @@ def dense_ties_reference(task_vectors:Sequence[TaskVector], # task vectors to me
     N = M.shape[1]
     m = keep_count(N, k, trim_rule)
     if m == 0: M = torch.zeros_like(M)
-    elif m < N:
+    elif m < N and trim_rule == "authors":  # |x| >= the m-th largest: every tied entry kept
         kth = M.abs().kthvalue(N - m + 1, dim=1, keepdim=True).values
         M = M * (M.abs() >= kth)
+    elif m < N:  # exactly m: a stable sort breaks ties by position
+        top = M.abs().sort(dim=1, descending=True, stable=True).indices[:, :m]
+        M = M * torch.zeros_like(M, dtype=torch.bool).scatter_(1, top, True)
     sign = torch.sign(M.sum(0))
-    if sign_tie == "majority": sign[sign == 0] = 1 if int((sign > 0).sum()) >= int((sign < 0).sum()) else -1
+    if sign_tie == "majority": sign[sign == 0] = torch.sign(sign.sum())  # resolve_zero_signs: stays 0 on a zero tally
     else: sign[sign == 0] = 1
     keep = torch.where(sign > 0, M > 0, M < 0)
     merged = (M * keep).sum(0) / keep.sum(0).clamp(min=1)
@@ -333,13 +387,12 @@ def ties_statistics(task_vectors:Sequence[TaskVector], # task vectors to analyse
     "Fractions kept by the trim, positions with sign conflicts, and kept entries dropped by sign election."
     tvs = _task_vectors(task_vectors, "ties_statistics")
     k = _fraction(k, "ties_statistics"); _choice(scope, "scope", SCOPES, "ties_statistics")
-    thresholds = [_threshold(list(tv.values()), k, trim_rule) for tv in tvs] if scope == "global" else None
+    _choice(trim_rule, "trim_rule", TRIM_RULES, "ties_statistics")
+    trims = [_Trim(tv, k, trim_rule, scope) for tv in tvs]
     kept = dropped = conflict = active = total = 0
     for key in tvs[0]:
         X = torch.stack([tv[key].float() for tv in tvs])
-        for i, tv in enumerate(tvs):
-            t = thresholds[i] if thresholds is not None else _threshold([tv[key]], k, trim_rule)
-            X[i] *= _keep_mask(tv[key], t, thresholds is not None and any(v.dtype == torch.float64 for v in tv.values()))
+        for i, tv in enumerate(tvs): X[i] *= trims[i].mask(key, tv[key].reshape(-1)).view(X[i].shape)
         nz = X != 0
         sign = torch.sign(X.sum(0))
         kept += int(nz.sum()); total += X.numel()

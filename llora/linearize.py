@@ -216,46 +216,73 @@ def linearized_layers(model:nn.Module) -> dict[str, LinearizedLoraLinear]:
     "The linearized LoRA layers of `model`: name -> layer."
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearizedLoraLinear)}
 
+def _check_linearizable(name:str, m:nn.Module) -> list[str]:
+    "The active adapters of LoRA layer `name`, or a `ValueError` when `m` cannot be linearized."
+    if isinstance(m, LinearizedLoraLinear):
+        raise ValueError(f"linearize_lora: {name!r} is already linearized ({m.impl}); call unlinearize_lora first.")
+    if type(m) is not _LoraLinear:
+        raise ValueError(f"linearize_lora: {name!r} is a {type(m).__module__}.{type(m).__qualname__}; only "
+                         "peft lora.Linear layers can be linearized (not embeddings, convolutions, "
+                         "quantized or parameter-targeted LoRA).")
+    if m.merged:
+        raise ValueError(f"linearize_lora: {name!r} has merged adapters {m.merged_adapters}; unmerge first.")
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    for a in active:
+        variant = getattr(m, "lora_variant", {}).get(a)
+        if variant is not None or m.use_dora.get(a, False):
+            raise ValueError(f"linearize_lora: adapter {a!r} of {name!r} uses a LoRA variant "
+                             f"({type(variant).__name__}, e.g. DoRA); only plain LoRA is supported.")
+    return active
+
+def _expansion_point(name:str, m:nn.Module, adapters:list[str], init_state:dict|None) -> dict[str, torch.Tensor]:
+    "$\\phi_0$ of layer `name` (relative names -> tensors), checked: present, floating, finite, shaped as the parameter."
+    params = dict(m.named_parameters())
+    rel = [k for a in adapters for k in LinearizedLoraLinear._phi0_names(m, a)]
+    if init_state is None: point = {k: params[k].detach() for k in rel}
+    else:
+        missing = [f"{name}.{k}" for k in rel if f"{name}.{k}" not in init_state]
+        if missing: raise ValueError(f"linearize_lora: init_state lacks {missing[:3]} ({len(missing)} missing); "
+                                     "pass the whole `linearization_point` of the trained model.")
+        point = {k: init_state[f"{name}.{k}"] for k in rel}
+    source = "init_state" if init_state is not None else "the model's current values"
+    for k, v in point.items():
+        if not torch.is_tensor(v):
+            raise ValueError(f"linearize_lora: init_state[{name + '.' + k!r}] is a {type(v).__name__}, not a torch.Tensor.")
+        if not v.is_floating_point():
+            raise ValueError(f"linearize_lora: init_state[{name + '.' + k!r}] has dtype {v.dtype}; "
+                             "it must be floating-point.")
+        if v.shape != params[k].shape:
+            raise ValueError(f"linearize_lora: init_state[{name + '.' + k!r}] has the wrong shape: expected shape "
+                             f"{tuple(params[k].shape)} (layer {name!r}), got {tuple(v.shape)}.")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"linearize_lora: {source} for {name + '.' + k!r} contains NaN or inf.")
+    for a in adapters:
+        A0, B0 = point[f"lora_A.{a}.weight"], point[f"lora_B.{a}.weight"]
+        if not A0.any() and not B0.any():
+            raise ValueError(f"linearize_lora: layer {name!r}, adapter {a!r}: A0 and B0 are both all zero in {source}, "
+                             "so the expansion is the base layer and no LoRA parameter gets a gradient (a dead "
+                             "LoRA branch). Expand around peft's initialization (A0 random, B0 = 0) or a trained "
+                             "adapter's `linearization_point`.")
+    return point
+
 def linearize_lora(model:nn.Module, # a peft LoRA model (`PeftModel`, `LoraModel` or a model with injected LoRA)
                    impl:str="closed_form", # "closed_form" (exact, cheap) or "jvp" (generic, paper Listing 1)
                    init_state:dict[str, torch.Tensor]|None=None, # $\phi_0$ by parameter name (default: current values)
                   ) -> nn.Module:
-    "Replace, in place, every LoRA linear layer's active adapter by its first-order expansion (L-LoRA)."
+    "Replace, in place, every LoRA linear layer's active adapter by its first-order expansion (L-LoRA); all or nothing."
     if impl not in IMPLS:
         raise ValueError(f"linearize_lora: unknown impl {impl!r}; valid: {sorted(IMPLS)}")
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("linearize_lora: nothing was linearized: the model has no peft LoRA layer (LoraLayer). "
                          "Note that since peft 0.7 lora.Linear is not an nn.Linear, so filters on nn.Linear miss it.")
-    todo = []
-    for name, m in layers:
-        if isinstance(m, LinearizedLoraLinear):
-            raise ValueError(f"linearize_lora: {name!r} is already linearized ({m.impl}); call unlinearize_lora first.")
-        if type(m) is not _LoraLinear:
-            raise ValueError(f"linearize_lora: {name!r} is a {type(m).__module__}.{type(m).__qualname__}; only "
-                             "peft lora.Linear layers can be linearized (not embeddings, convolutions, "
-                             "quantized or parameter-targeted LoRA).")
-        if m.merged:
-            raise ValueError(f"linearize_lora: {name!r} has merged adapters {m.merged_adapters}; unmerge first.")
-        active = [a for a in m.active_adapters if a in m.lora_A]
-        for a in active:
-            variant = getattr(m, "lora_variant", {}).get(a)
-            if variant is not None or m.use_dora.get(a, False):
-                raise ValueError(f"linearize_lora: adapter {a!r} of {name!r} uses a LoRA variant "
-                                 f"({type(variant).__name__}, e.g. DoRA); only plain LoRA is supported.")
-        if active: todo.append((name, m))
+    todo = [(name, m, active) for name, m in layers if (active := _check_linearizable(name, m))]
     if not todo:
         raise ValueError("linearize_lora: nothing was linearized: no LoRA layer has an active adapter.")
-    for name, m in todo:
-        init = None
-        if init_state is not None:
-            keys = [f"{name}.{k}" for a in m.active_adapters if a in m.lora_A
-                    for k in LinearizedLoraLinear._phi0_names(m, a)]
-            missing = [k for k in keys if k not in init_state]
-            if missing: raise ValueError(f"linearize_lora: init_state lacks {missing[:3]} ({len(missing)} missing).")
-            init = {k[len(name) + 1:]: init_state[k] for k in keys}
+    points = [_expansion_point(name, m, active, init_state) for name, m, active in todo]  # every check before any change
+    for (name, m, _), point in zip(todo, points):
         m.__class__ = IMPLS[impl]
-        m._linearize(init)
+        m._linearize(point)
     return model
 
 def unlinearize_lora(model:nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_results.ipynb #457f685a
 from __future__ import annotations
-import itertools, json, math, re
+import itertools, json, math, re, warnings
 from dataclasses import dataclass
 from math import comb
 from pathlib import Path
@@ -21,10 +21,11 @@ from .metrics import plot_cosine_heatmap
 __all__ = ['SCHEMA', 'SINGLE_SCHEMA', 'MODEL_KEYS', 'GROUP_KEYS', 'PETA_MODES', 'PETA_METHODS', 'PETA_HPARAMS', 'METHOD_HPARAMS',
            'PETA_SINGLE_MODES', 'DEFAULT_SPLITS', 'PAPER_TABLE1', 'PAPER_TABLE5', 'MODE_LABELS', 'METHOD_LABELS',
            'PALETTE', 'ResultsError', 'hparams_json', 'check_results', 'write_results', 'read_peta_file',
-           'load_results', 'check_complete', 'check_single', 'load_single_task', 'reference_scores', 'normalize',
-           'model_scores', 'select_best', 'table1', 'by_size', 'best_per_task', 'table5', 'pair_scores', 'Aggregate',
-           'aggregate', 'load_cosine', 'cosine_matrix', 'compare_table1', 'compare_table5', 'plot_by_size',
-           'plot_lora_vs_llora', 'plot_pairs', 'plot_cosine', 'plot_single_task']
+           'load_results', 'check_complete', 'check_single', 'load_single_task', 'reference_scores', 'normalized_score',
+           'warn_undefined_references', 'normalize', 'model_scores', 'select_best', 'table1', 'by_size',
+           'best_per_task', 'table5', 'pair_scores', 'Aggregate', 'aggregate', 'load_cosine', 'cosine_matrix',
+           'compare_table1', 'compare_table5', 'plot_by_size', 'plot_lora_vs_llora', 'plot_pairs', 'plot_cosine',
+           'plot_single_task']
 
 # %% ../nbs/05_results.ipynb #7ac00c01
 SCHEMA = ["model", "finetune_mode", "method", "subset", "n_tasks", "hparams", "task", "split", "score"]
@@ -307,17 +308,33 @@ def reference_scores(single:pd.DataFrame, # single-task table (`SINGLE_SCHEMA`)
         df = df[ok]
     if df.empty: raise ResultsError("no single-task run left to normalize with (check `match`)")
     best = df.loc[df.groupby(["model", "finetune_mode", "task"], sort=False)["score"].idxmax()]
-    bad = best[~(best["score"] > 0)]
-    if len(bad): raise ResultsError(f"single-task score must be > 0 to normalize: {bad[['model','finetune_mode','task','score']].to_dict('records')}")
-    return best.reset_index(drop=True)
+    return best.reset_index(drop=True)  # scores <= 0 are kept: `normalize` leaves their tasks out, with a warning
 
 # %% ../nbs/05_results.ipynb #44c499c2
+def normalized_score(score:float, # a merged model's score on a task
+                     reference:float, # the single-task score of that task (same mode, same split)
+                    ) -> float:
+    "`score / reference`; NaN where that is undefined or misleading: a reference <= 0 or not finite."
+    return score / reference if math.isfinite(reference) and reference > 0 else math.nan
+
+def warn_undefined_references(refs:dict, # label (e.g. the task) -> single-task reference score
+                              where:str, # who asks, for the message
+                             ) -> list:
+    "Warn about the references that cannot normalize (<= 0, NaN or inf); return their labels."
+    bad = {k: v for k, v in refs.items() if math.isnan(normalized_score(1.0, v))}
+    if bad:
+        warnings.warn(f"{where}: single-task reference score <= 0 or not finite for {len(bad)} task(s) "
+                      f"({', '.join(f'{k!r}: {float(v):.4g}' for k, v in list(bad.items())[:8])}): their normalized score is "
+                      "undefined, so they are left out of the mean over tasks. Evaluate on more examples (a score "
+                      "of 0 is easy with few) or check those single-task runs.", stacklevel=3)
+    return list(bad)
+
 def normalize(results:pd.DataFrame, # tidy results
               reference:pd.DataFrame, # from `reference_scores`
               nan:str="raise", # NaN scores: "raise" or "zero" (paper: count as 0)
               reference_mode:str|None=None, # normalize every mode by this mode's single-task scores (default: same mode)
              ) -> pd.DataFrame:
-    "Add `reference` (single-task score) and `normalized` = score / reference to a tidy results table."
+    "Add `reference` (single-task score) and `normalized` = `normalized_score(score, reference)` to a tidy results table."
     if nan not in ("raise", "zero"): raise ValueError(f"nan must be 'raise' or 'zero', got {nan!r}")
     if results["score"].isna().any():
         if nan == "raise":
@@ -333,7 +350,9 @@ def normalize(results:pd.DataFrame, # tidy results
     miss = out[out["reference"].isna()]
     if len(miss):
         raise ResultsError(f"no single-task score for {sorted(set(zip(miss.model, miss.finetune_mode, miss.task)))[:5]}")
-    return out.assign(normalized=out["score"] / out["reference"])
+    refs = out.drop_duplicates(["model", "finetune_mode", "task"])
+    warn_undefined_references({f"{r.model}/{r.finetune_mode}/{r.task}": r.reference for r in refs.itertuples()}, "normalize")
+    return out.assign(normalized=[normalized_score(s, r) for s, r in zip(out["score"], out["reference"])])
 
 def model_scores(norm:pd.DataFrame, # output of `normalize`
                 ) -> pd.DataFrame:

@@ -381,6 +381,8 @@ class FusionSetup:
                     val_examples=self.val_examples, test_examples=self.test_examples, ckpt=self.fingerprint())
 
 # %% ../nbs/10_sweep.ipynb #1e72e2cc
+from .results import normalized_score, warn_undefined_references
+
 SPLITS = ("validation", "test")
 
 @dataclass(frozen=True)
@@ -407,8 +409,12 @@ def single_unit(u:SingleUnit) -> list[dict]:
 def mean_normalized(scores:dict, # task -> score of a merged model
                     refs:dict, # task -> single-task score (same mode, same split)
                    ) -> float:
-    "The paper's criterion: mean over all tasks of score / single-task score (NaN counts as 0)."
-    vals = [scores[t] / refs[t] for t in refs]
+    "The paper's criterion: mean of `normalized_score` over the tasks whose reference is > 0 (NaN scores count as 0)."
+    undefined = warn_undefined_references(refs, "mean_normalized")
+    tasks = [t for t in refs if t not in undefined]
+    if not tasks: raise ValueError(f"mean_normalized: no task has a positive single-task reference score ({refs}); "
+                                   "nothing to select on. Evaluate on more examples or check the single-task runs.")
+    vals = [normalized_score(scores[t], refs[t]) for t in tasks]
     return float(np.mean([0. if math.isnan(v) else v for v in vals]))
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fastcore.basics import patch
 
@@ -257,10 +258,19 @@ def to(self:TaskVector,
            device:str|torch.device|None=None, # target device (None: keep)
            dtype:torch.dtype|None=None, # target floating dtype (None: keep)
           ) -> TaskVector:
-    "A copy on `device` and/or with `dtype`."
+    "A copy on `device` and/or with `dtype`; raises if a finite entry would overflow `dtype` (become inf)."
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"TaskVector.to: dtype must be floating-point, got {dtype}")
-    return TaskVector({k: v.to(device=device, dtype=dtype) for k, v in self.items()}, check=False)
+    out = {k: v.to(device=device, dtype=dtype) for k, v in self.items()}
+    if dtype is not None:
+        overflow = [k for k, v in out.items() if torch.finfo(dtype).max < torch.finfo(self[k].dtype).max
+                    and not torch.isfinite(v).all() and torch.isfinite(self[k]).all()]
+        if overflow:
+            raise ValueError(f"TaskVector.to: converting to {str(dtype).replace('torch.', '')} overflows "
+                             f"(|x| > {torch.finfo(dtype).max:g}) in {len(overflow)} tensor(s): {_fmt_keys(overflow)}. "
+                             "Keep the task vector in float32 (merge in float32 and cast the merged model), "
+                             "or scale it down first.")
+    return TaskVector(out, check=False)
 
 def _unshare(tensors:dict) -> dict:
     "Clone tensors whose storage another tensor already uses (safetensors refuses shared storage)."
@@ -284,8 +294,13 @@ def load(cls:TaskVector,
              path:str|Path, # a file written by `TaskVector.save` (or any safetensors of floating tensors)
              device:str="cpu", # where to load it
             ) -> TaskVector:
-    "Load a task vector from a safetensors file."
-    return cls(load_tensors(path, device=device))
+    "Load a task vector from a safetensors file; a truncated or corrupted file raises `ValueError` naming it."
+    try: tensors = load_tensors(path, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"TaskVector.load: {path} is not a readable safetensors file ({e}): it is truncated or "
+                         "corrupted; write it again with TaskVector.save.") from e
+    try: return cls(tensors)
+    except ValueError as e: raise ValueError(f"TaskVector.load: {path}: {e} (a corrupted file?)") from e
 
 # %% ../nbs/02_task_vectors.ipynb #fabaa745
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")

@@ -69,7 +69,8 @@ def test_global_ties_streams_large_tensors_and_chunks(monkeypatch):
     monkeypatch.setattr(F, "_SLICE", 777)  # merge large tensors in slices (with a ragged last slice)
     tvs = rand_tvs(3, seed=8)  # tensors of 3072, 64, 6144, 960 and 1 entries
     assert fuse("ties", tvs, k=0.2).allclose(dense_ties_reference(tvs, k=0.2), rtol=0, atol=1e-6)
-    assert fuse("ties", tvs, k=0.2, scope="per_tensor").allclose(fuse("ties", tvs, k=0.2, scope="per_tensor"))
+    with pytest.warns(UserWarning, match="keeps no entry of 1 tensor"):  # the 1-entry 'scalar'
+        assert fuse("ties", tvs, k=0.2, scope="per_tensor").allclose(fuse("ties", tvs, k=0.2, scope="per_tensor"))
     assert fuse("simple_average", tvs).allclose(merge(tvs, combine="disjoint_mean"), atol=1e-6)  # no zeros here
     monkeypatch.setattr(F, "_SLICE", 2)  # exact sign ties patched at the right offsets
     ints = [TaskVector({"x": torch.tensor([1., -1., 2., 0., 5.]), "y": torch.tensor([2., -2.])}),
@@ -110,7 +111,8 @@ def test_per_tensor_ties_matches_peft(n, density):
 def test_per_tensor_tiny_tensor_trimmed_like_peft():
     from peft.utils.merge_utils import ties as peft_ties
     tvs = rand_tvs(2, seed=4, shapes={"s": (1,), "t": (3,)})
-    ours = fuse("ties", tvs, k=0.25, scope="per_tensor")
+    with pytest.warns(UserWarning, match=r"keeps no entry of 2 tensor\(s\) \('s', 't'\)"):
+        ours = fuse("ties", tvs, k=0.25, scope="per_tensor")
     for key in ("s", "t"): assert torch.equal(ours[key], peft_ties([tv[key] for tv in tvs], torch.ones(2), 0.25))
 
 
@@ -253,3 +255,97 @@ def test_error_paths():
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match): fn()
+
+
+# ------------------------------------------------------------------------------------------- hand-made exact ties
+def test_zero_sign_tally_keeps_the_negative_entries_as_the_ties_reference():
+    "TIES reference: resolve_zero_signs leaves sign 0 when the tally of signs is 0; torch.where(sign > 0, x > 0, x < 0) then keeps x < 0."
+    tvs = [TaskVector({"x": torch.tensor([1., -2., 3.])}), TaskVector({"x": torch.tensor([-1., 2., -4.])})]
+    # column sums 0, 0, -1: elected signs 0, 0, -1; tally of signs = -1 -> the zeros become -: negatives kept
+    assert fuse("ties", tvs, k=1.0) == TaskVector({"x": torch.tensor([-1., -2., -4.])})
+    tvs = [TaskVector({"x": torch.tensor([1., -2., 3., 5.])}), TaskVector({"x": torch.tensor([-1., 2., -4., 0.])})]
+    # sums 0, 0, -1, 5: signs 0, 0, -, +: tally 0 -> the reference leaves sign 0 there -> the negatives survive
+    ours = fuse("ties", tvs, k=1.0)
+    assert ours == TaskVector({"x": torch.tensor([-1., -2., -4., 5.])})
+    assert ours == dense_ties_reference(tvs, k=1.0)
+    # peft / mergekit rule (sum >= 0 counts +): sign_tie="positive"
+    assert fuse("ties", tvs, k=1.0, sign_tie="positive") == TaskVector({"x": torch.tensor([1., 2., -4., 5.])})
+
+
+def test_zero_sign_tally_across_tensors_and_slices(monkeypatch):
+    monkeypatch.setattr(F, "_SLICE", 2)
+    tvs = [TaskVector({"a": torch.tensor([1., 3.]), "b": torch.tensor([-2., 7., 0.])}),
+           TaskVector({"a": torch.tensor([-1., 1.]), "b": torch.tensor([2., -9., 0.])})]
+    # sums a: 0, 4 (+); b: 0, -2 (-), 0 (no entry): tally 0 -> exact cancellations keep their negative entries
+    assert fuse("ties", tvs, k=1.0) == TaskVector({"a": torch.tensor([-1., 2.]), "b": torch.tensor([-2., -9., 0.])})
+
+
+def test_topk_keeps_exactly_floor_kn_with_ties_broken_by_position():
+    tv = TaskVector({"w": torch.tensor([1., -1., 1., 2.]), "b": torch.tensor([1., 0.5])})
+    # magnitudes 2 and four 1s; floor(0.5 * 6) = 3: the 2 and the first two 1s in `flatten` order (b before w)
+    out = merge([tv], k=0.5)
+    assert out == TaskVector({"w": torch.tensor([1., 0., 0., 2.]), "b": torch.tensor([1., 0.])})
+    assert sum(int((v != 0).sum()) for v in out.values()) == keep_count(6, 0.5)
+    assert out == dense_ties_reference([tv], k=0.5, scaling=1.0)
+    # "authors" keeps every entry tied at its threshold (the TIES reference's |x| >= kth value)
+    assert merge([tv], k=0.5, trim_rule="authors") == TaskVector({"w": torch.tensor([1., -1., 1., 2.]),
+                                                                  "b": torch.tensor([1., 0.])})
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_topk_exact_count_with_heavy_ties_streamed(scope, monkeypatch):
+    monkeypatch.setattr(F, "DENSE_KTH_MAX", 0); monkeypatch.setattr(F, "_SLICE", 7)
+    g = torch.Generator().manual_seed(0)
+    tv = TaskVector({k: torch.randint(-2, 3, s, generator=g).float() for k, s in SHAPES.items()})
+    for k in (0.1, 0.3, 0.5, 0.9):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # per tensor, the 1-entry tensor keeps nothing (and warns)
+            out = merge([tv], k=k, scope=scope)
+        kept = {key: int((v != 0).sum()) for key, v in out.items()}
+        nonzero = {key: int(v.count_nonzero()) for key, v in tv.items()}  # kept zeros do not show
+        if scope == "global":
+            assert sum(kept.values()) == min(keep_count(tv.numel(), k), sum(nonzero.values()))
+            assert out == dense_ties_reference([tv], k=k)
+        else: assert all(kept[key] == min(keep_count(tv[key].numel(), k), nonzero[key]) for key in tv)
+
+
+def test_per_tensor_topk_tie_count_matches_peft():
+    "peft's magnitude_based_pruning keeps exactly int(density * numel) entries (torch.topk), ties or not."
+    from peft.utils.merge_utils import magnitude_based_pruning, ties as peft_ties
+    g = torch.Generator().manual_seed(1)
+    tvs = [TaskVector({"w": torch.randint(-3, 4, (40, 8), generator=g).float()}) for _ in range(3)]
+    for density in (0.1, 0.25, 0.5):
+        ours = [merge([tv], k=density, scope="per_tensor")["w"] for tv in tvs]
+        refs = [magnitude_based_pruning(tv["w"], density) for tv in tvs]
+        for o, r in zip(ours, refs):
+            assert int((o != 0).sum()) == int((r != 0).sum())
+            assert torch.equal(o.abs().reshape(-1).sort().values, r.abs().reshape(-1).sort().values)  # the same magnitudes kept
+    # where the tie-break cannot matter (distinct magnitudes), the full TIES result equals peft's, sign ties included
+    x = [TaskVector({"w": torch.tensor([1., -2., 3., 0.5])}), TaskVector({"w": torch.tensor([-1., 2., -4., 0.25])})]
+    for density in (0.5, 0.75, 1.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns that density 1 prunes nothing
+            ref = peft_ties([t["w"] for t in x], torch.ones(2), density=density)
+        assert torch.equal(fuse("ties", x, k=density, scope="per_tensor", sign_tie="positive")["w"], ref)
+
+
+def test_per_tensor_ties_warns_about_tensors_it_empties():
+    tvs = rand_tvs(2, seed=4, shapes={"w": (40, 10), "b": (32,)})
+    with pytest.warns(UserWarning, match=r"keeps no entry of 1 tensor\(s\) \('b'.*scope='global'"):
+        out = fuse("ties", tvs, k=0.02, scope="per_tensor")
+    assert not out["b"].any() and out["w"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fuse("ties", tvs, k=0.02)  # global: the bias competes with the whole vector, no warning
+        fuse("ties", tvs, k=0.04, scope="per_tensor")  # 32 * 0.04 = 1.28: one entry kept
+
+
+def test_fp16_merge_overflow_names_the_result_tensor():
+    tvs = [TaskVector({"ok": torch.ones(3, dtype=torch.float16), "w": torch.full((4,), 60000., dtype=torch.float16)})
+           for _ in range(2)]
+    with pytest.raises(ValueError, match=r"merged result overflows float16 in tensor 'w'.*float32"):
+        fuse("task_arithmetic", tvs, scaling=1.0)
+    with pytest.raises(ValueError, match=r"merged result overflows float16 in tensor 'w'"):
+        fuse("ties", tvs, k=1.0, scaling=2.0)
+    merged = fuse("task_arithmetic", [tv.to(dtype=torch.float32) for tv in tvs], scaling=1.0)  # the advice works
+    assert merged["w"].dtype == torch.float32 and torch.equal(merged["w"], torch.full((4,), 120000.))

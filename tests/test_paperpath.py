@@ -180,7 +180,7 @@ BAD_PARAMETERS = [
     ("exp_landscape", dict(grid_points="nine"), "`grid_points` must be"),
     ("exp_disentanglement", dict(pairs="rt_polarity:nope"), "Registered tasks"),
     ("exp_prompts", dict(method="tie"), "valid: simple_average"),
-    ("exp_prompts", dict(tasks="rt_polarity"), "at least 2 tasks"),
+    ("exp_prompts", dict(tasks="rt_polarity"), "at least 2 different tasks"),
     ("exp_similarity", dict(tasks="nope,spam"), "Registered tasks"),
 ]
 

@@ -194,3 +194,12 @@ def test_key_mismatch_is_key_and_value_error():
     e = KeyMismatchError("x")
     assert isinstance(e, KeyError) and isinstance(e, ValueError) and str(e) == "x"
     check_compatible()  # nothing to compare is fine
+
+
+def test_to_float16_overflow_raises_naming_the_tensors():
+    a = TaskVector({"small": torch.ones(3), "big": torch.tensor([1e5, 1.0]), "huge": torch.tensor([-7e4])})
+    with pytest.raises(ValueError, match=r"to float16 overflows \(\|x\| > 65504\) in 2 tensor\(s\): 'big', 'huge'.*float32"):
+        a.to(dtype=torch.float16)
+    assert a.to(dtype=torch.bfloat16)["big"].dtype == torch.bfloat16  # bfloat16's range is float32's: no overflow
+    assert torch.equal(TaskVector({"x": torch.tensor([65504.0])}).to(dtype=torch.float16)["x"],
+                       torch.tensor([65504.0], dtype=torch.float16))  # the largest float16 is fine
