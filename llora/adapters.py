@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .core import OfflineError, atomic_write_text, check_finite, is_offline, load_tensors, progress, save_tensors
+from .core import (OfflineError, atomic_write_text, check_finite, hub_cache_dir, is_offline, load_tensors, progress,
+                        save_tensors)
 from .fusion import METHODS, fuse
 from .task_vectors import TaskVector
 
@@ -72,7 +73,7 @@ def adapter_folder(source:str|Path, # an adapter folder, or a hub id "org/name"
         raise FileNotFoundError(f"adapter {str(source)!r}: no such folder (and not a hub id 'org/name')")
     from huggingface_hub import snapshot_download
     try: return Path(snapshot_download(str(source), allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN],
-                                       local_files_only=is_offline()))
+                                       cache_dir=hub_cache_dir(), local_files_only=is_offline()))
     except Exception as e:
         if is_offline():
             raise OfflineError(f"adapter {str(source)!r}: no such folder, and the hub id is not in the hub cache while "
@@ -105,9 +106,11 @@ class LoraAdapter:
     B: dict # module -> B (out, r)
     scale: dict # module -> s
 
-    def delta_w(self, module:str) -> torch.Tensor:
+    def delta_w(self, module:str, # an adapted module
+                dtype:torch.dtype|None=None, # compute in this dtype (default: the factors')
+               ) -> torch.Tensor:
         "The dense update s·B·A of one module."
-        return self.scale[module] * (self.B[module] @ self.A[module])
+        return self.scale[module] * (self.B[module].to(dtype) @ self.A[module].to(dtype))
 
 def _read_weights(path:Path, source:str) -> dict:
     "The adapter's tensors: safetensors, or a `.bin` through `torch.load(weights_only=True)` (never unpickled)."
@@ -213,7 +216,7 @@ def _merge_delta_w(adapters:list, modules:list, method:str, hparams:dict, linear
                 tvs.append(TaskVector({"B": block}, check=False))
             U, S, Vh = svd_of_product(fuse(method, tvs, **hparams)["B"], R)
         else:
-            tvs = [TaskVector({"dW": a.delta_w(mod).double()}, check=False) for a in adapters]  # this layer only
+            tvs = [TaskVector({"dW": a.delta_w(mod, torch.float64)}, check=False) for a in adapters]  # this layer only
             U, S, Vh = torch.linalg.svd(fuse(method, tvs, **hparams)["dW"], full_matrices=False)
         out[mod] = low_rank_factors(U, S, Vh, rank)
     return out
