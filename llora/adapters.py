@@ -382,7 +382,8 @@ def merge_adapters(adapters:Sequence[str|Path], # PEFT LoRA adapter folders (or 
     prov = dict(tool="llora.adapters.merge_adapters", method=method, hparams={k: _jsonable(v) for k, v in hparams.items()},
                 space=space, rank=rank, path="factored (QR + small SVD)" if space == "delta_w" and linear else
                 ("dense ΔW, one layer at a time" if space == "delta_w" else "factors (A, B) as task vectors"),
-                A0=a0, inputs=[_input_record(a) for a in ads], seconds=round(time.perf_counter() - t0, 3),
+                A0=a0, dense_out=None if dense_out is None else str(dense_out), inputs=[_input_record(a) for a in ads],
+                seconds=round(time.perf_counter() - t0, 3),
                 layers={m: info for m, (_, _, info) in factors.items()})
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(_atomic_dir(out_dir))
@@ -496,6 +497,8 @@ def _methods_help() -> str:
         lines += [f"      --{h} (default {v!r}): {notes.get(h) or ''}" for h, v in hps.items()]
     others = sorted(set(METHODS) - set(data_free_methods()))
     if others: lines.append(f"not data-free (need data; use llora.fusion from Python): {', '.join(others)}")
+    lines.append("With --space delta_w a non-linear method (ties) merges one layer at a time: its top-k trim and sign "
+                 "election are per layer;\nwith --space factor it sees all A and B factors of an adapter at once.")
     return "\n".join(lines)
 
 def merge_parser() -> argparse.ArgumentParser:

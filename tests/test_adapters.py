@@ -310,6 +310,8 @@ def _bad_inputs(tmp_path, case):
     elif case == "dora": _edit_config(other, use_dora=True); ins = [srcs[0], other]
     elif case == "not lora": _edit_config(other, peft_type="IA3"); ins = [srcs[0], other]
     elif case == "factor without A0": ins, kw = srcs, dict(space="factor")
+    elif case == "factor ranks":
+        ins = [srcs[0], random_adapters(tmp_path/"o4", n=1, r=3, d=8, layers=1)[0]]; kw = dict(space="factor", init=srcs[1])
     elif case == "init outside factor": ins, kw = srcs, dict(init=srcs[0])
     elif case == "out is input": ins, kw = srcs, dict(out=srcs[0])
     elif case == "dense_out without base": _edit_config(srcs[0], base_model_name_or_path=None); _edit_config(
@@ -324,6 +326,7 @@ ERRORS = {"base model": "different base models", "modules": "adapt different mod
           "hparam value": "must be in (0, 1]", "weights length": "1 weights for 2", "rank": "positive integer",
           "space": "space must be one of", "no config": "adapter_config.json missing", "no weights": "neither",
           "no folder": "no such folder", "dora": "DoRA", "not lora": "peft_type", "factor without A0": "pass init=",
+          "factor ranks": "needs one rank and one scale per layer",
           "init outside factor": "only used with space='factor'", "out is input": "is one of the input adapters",
           "dense_out without base": "dense_out needs the base model",
           "dense_out wrong base": "has no weight 'vision_model.encoder.layers.0.self_attn.q_proj.weight'"}
