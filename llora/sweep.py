@@ -409,11 +409,10 @@ def single_unit(u:SingleUnit) -> list[dict]:
 def mean_normalized(scores:dict, # task -> score of a merged model
                     refs:dict, # task -> single-task score (same mode, same split)
                    ) -> float:
-    "The paper's criterion: mean of `normalized_score` over the tasks whose reference is > 0 (NaN scores count as 0)."
+    "The paper's criterion: mean of `normalized_score` over tasks with a reference > 0 (NaN scores count as 0); NaN if none."
     undefined = warn_undefined_references(refs, "mean_normalized")
     tasks = [t for t in refs if t not in undefined]
-    if not tasks: raise ValueError(f"mean_normalized: no task has a positive single-task reference score ({refs}); "
-                                   "nothing to select on. Evaluate on more examples or check the single-task runs.")
+    if not tasks: return math.nan
     vals = [normalized_score(scores[t], refs[t]) for t in tasks]
     return float(np.mean([0. if math.isnan(v) else v for v in vals]))
 

@@ -1,5 +1,5 @@
 "Fault injection (fast, CPU, offline): bad inputs to linearization, fusion, normalization and the notebooks fail early and clearly, and lose nothing."
-import copy
+import copy, math
 import os
 import warnings
 
@@ -105,10 +105,24 @@ def test_mean_normalized_negative_reference_does_not_reach_selection():
     assert better == worse == 1.0  # -0.3 / -0.2 = 1.5 would have beaten 0.1 / -0.2 = -0.5
     with pytest.warns(UserWarning, match=r"'a': nan"):
         assert mean_normalized({"a": 0.2, "b": float("nan")}, {"a": float("nan"), "b": 0.5}) == 0.0  # NaN score -> 0
-    with pytest.raises(ValueError, match="no task has a positive single-task reference"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mean_normalized({"a": 0.2}, {"a": 0.0})
+    with pytest.warns(UserWarning, match=r"'a': 0\)"):  # nothing to normalize by: NaN, and the sweep goes on
+        assert math.isnan(mean_normalized({"a": 0.2}, {"a": 0.0}))
+
+
+def test_sweep_with_no_usable_reference_keeps_the_first_grid_point(monkeypatch):
+    "Every single-task reference 0 (e.g. a tiny model on few examples): the unit ends, on the grid's first point."
+    import json
+    import llora.sweep as S
+    tv = {"w": torch.ones(2)}
+    monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, {"a": tv, "b": tv}))
+    monkeypatch.setattr(S.FusionSetup, "scores", lambda self, tv, split, tasks=None: {"a": 0.1, "b": 0.2})
+    setup = S.FusionSetup("minilm-l6", "lora", ("a", "b"), "/nonexistent", True)
+    grid = tuple(S.canonical_json(h) for h in ({"scaling": 0.3}, {"scaling": 0.7}))
+    refs = json.dumps({sp: {"a": 0.0, "b": 0.0} for sp in ("validation", "test")})
+    with pytest.warns(UserWarning, match="mean_normalized"):
+        rows = S.fusion_unit(S.FusionUnit(setup, "task_arithmetic", ("a", "b"), grid, "validation", refs, "{}"))
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert test_rows and {json.loads(r["hparams"])["scaling"] for r in test_rows} == {0.3}
 
 
 def _tables(ref_b):
