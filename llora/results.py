@@ -21,11 +21,11 @@ from .metrics import plot_cosine_heatmap
 __all__ = ['SCHEMA', 'SINGLE_SCHEMA', 'MODEL_KEYS', 'GROUP_KEYS', 'PETA_MODES', 'PETA_METHODS', 'PETA_HPARAMS', 'METHOD_HPARAMS',
            'PETA_SINGLE_MODES', 'DEFAULT_SPLITS', 'PAPER_TABLE1', 'PAPER_TABLE5', 'MODE_LABELS', 'METHOD_LABELS',
            'PALETTE', 'ResultsError', 'hparams_json', 'check_results', 'write_results', 'read_peta_file',
-           'load_results', 'check_complete', 'check_single', 'load_single_task', 'reference_scores', 'normalized_score',
-           'warn_undefined_references', 'normalize', 'model_scores', 'select_best', 'table1', 'by_size',
-           'best_per_task', 'table5', 'pair_scores', 'Aggregate', 'aggregate', 'load_cosine', 'cosine_matrix',
-           'compare_table1', 'compare_table5', 'plot_by_size', 'plot_lora_vs_llora', 'plot_pairs', 'plot_cosine',
-           'plot_single_task']
+           'load_results', 'check_complete', 'check_single', 'load_single_task', 'best_rows', 'reference_scores',
+           'normalized_score', 'warn_undefined_references', 'normalize', 'model_scores', 'select_best', 'table1',
+           'by_size', 'best_per_task', 'table5', 'pair_scores', 'Aggregate', 'aggregate', 'load_cosine',
+           'cosine_matrix', 'compare_table1', 'compare_table5', 'plot_by_size', 'plot_lora_vs_llora', 'plot_pairs',
+           'plot_cosine', 'plot_single_task']
 
 # %% ../nbs/05_results.ipynb #7ac00c01
 SCHEMA = ["model", "finetune_mode", "method", "subset", "n_tasks", "hparams", "task", "split", "score"]
@@ -296,6 +296,13 @@ def load_single_task(path:str|Path, # results folder (authors' layout) or a tidy
     return pd.concat(frames, ignore_index=True)
 
 # %% ../nbs/05_results.ipynb #f2975a48
+def best_rows(df:pd.DataFrame, # rows to choose from
+              keys:list, # the groups
+              metric:str, # column to maximize
+             ) -> pd.Index:
+    "Index of each group's row with the largest `metric`: NaN ranks lowest; ties, and all-NaN groups, give the first row."
+    return df.assign(_rank=df[metric].astype(float).fillna(-np.inf)).groupby(keys, sort=False)["_rank"].idxmax()
+
 def reference_scores(single:pd.DataFrame, # single-task table (`SINGLE_SCHEMA`)
                      match:dict|None=None, # hyperparameters a run must have (when it has the key at all)
                     ) -> pd.DataFrame:
@@ -307,7 +314,7 @@ def reference_scores(single:pd.DataFrame, # single-task table (`SINGLE_SCHEMA`)
         ok = hp.map(lambda h: all(k not in h or float(h[k]) == float(v) for k, v in match.items()))
         df = df[ok]
     if df.empty: raise ResultsError("no single-task run left to normalize with (check `match`)")
-    best = df.loc[df.groupby(["model", "finetune_mode", "task"], sort=False)["score"].idxmax()]
+    best = df.loc[best_rows(df, ["model", "finetune_mode", "task"], "score")]
     return best.reset_index(drop=True)  # scores <= 0 are kept: `normalize` leaves their tasks out, with a warning
 
 # %% ../nbs/05_results.ipynb #44c499c2
@@ -374,8 +381,8 @@ def select_best(scores:pd.DataFrame, # output of `model_scores`
     "Per (model, mode, method, subset, split): the row with the best hyperparameters."
     keys = ["model", "finetune_mode", "method", "subset", "n_tasks"]
     if select_on is None:
-        return scores.loc[scores.groupby(keys + ["split"], sort=False)[metric].idxmax()].reset_index(drop=True)
-    chosen = select_on.loc[select_on.groupby(keys, sort=False)[metric].idxmax(), keys + ["hparams"]]
+        return scores.loc[best_rows(scores, keys + ["split"], metric)].reset_index(drop=True)
+    chosen = select_on.loc[best_rows(select_on, keys, metric), keys + ["hparams"]]
     out = scores.merge(chosen, on=keys + ["hparams"], how="inner")
     lost = scores[keys].drop_duplicates().merge(out[keys].drop_duplicates(), how="left", indicator=True)
     lost = lost[lost["_merge"] == "left_only"]

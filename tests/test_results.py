@@ -95,3 +95,20 @@ def test_paper_tables_from_authors_csvs():
     assert compare_table5(table5(agg.per_task, "ViT-B-16")).agrees.all()
     with pytest.raises(ResultsError, match="fft_lorahub_num-tasks=3.csv"):
         load_results(REF, nan="zero")
+
+
+def test_selection_with_undefined_normalized_scores_keeps_the_first_grid_point():
+    "All references 0 (a tiny model on few examples): every normalized score is NaN; the first grid point is chosen."
+    import warnings
+    from llora.results import best_rows, model_scores, normalize, reference_scores, select_best
+    res, single = random_results(tasks="ab", modes=("lora",))
+    single["score"] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = model_scores(normalize(res, reference_scores(single), nan="zero"))
+    assert scores["normalized"].isna().all()
+    best = select_best(scores)
+    assert len(best) == 1 and json.loads(best.hparams.iloc[0]) == {"scaling": 0.25}
+    assert json.loads(select_best(scores, select_on=scores).hparams.iloc[0]) == {"scaling": 0.25}
+    df = pd.DataFrame({"g": [0, 0, 0, 1, 1], "v": [np.nan, 2.0, 2.0, np.nan, np.nan]})
+    assert list(best_rows(df, ["g"], "v")) == [1, 3]  # NaN lowest, first of ties, first of an all-NaN group
