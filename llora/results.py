@@ -352,9 +352,9 @@ def normalize(results:pd.DataFrame, # tidy results
     ref = reference[["model", "finetune_mode", "task", "score"]].rename(columns={"score": "reference"})
     if reference_mode is not None:
         ref = ref[ref["finetune_mode"] == reference_mode].drop(columns="finetune_mode")
-        out = results.merge(ref, on=["model", "task"], how="left")
-    else: out = results.merge(ref, on=["model", "finetune_mode", "task"], how="left")
-    miss = out[out["reference"].isna()]
+        out = results.merge(ref, on=["model", "task"], how="left", indicator=True)
+    else: out = results.merge(ref, on=["model", "finetune_mode", "task"], how="left", indicator=True)
+    miss = out[out.pop("_merge") == "left_only"]  # no single-task row at all (a NaN reference is an undefined one)
     if len(miss):
         raise ResultsError(f"no single-task score for {sorted(set(zip(miss.model, miss.finetune_mode, miss.task)))[:5]}")
     refs = out.drop_duplicates(["model", "finetune_mode", "task"])

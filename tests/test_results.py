@@ -112,3 +112,16 @@ def test_selection_with_undefined_normalized_scores_keeps_the_first_grid_point()
     assert json.loads(select_best(scores, select_on=scores).hparams.iloc[0]) == {"scaling": 0.25}
     df = pd.DataFrame({"g": [0, 0, 0, 1, 1], "v": [np.nan, 2.0, 2.0, np.nan, np.nan]})
     assert list(best_rows(df, ["g"], "v")) == [1, 3]  # NaN lowest, first of ties, first of an all-NaN group
+
+
+def test_nan_reference_is_undefined_not_missing():
+    "A single-task score of NaN (STS-B's Spearman of constant answers) is an undefined reference; a missing row is an error."
+    import warnings
+    from llora.results import normalize, reference_scores
+    res, single = random_results(tasks="ab", modes=("lora",))
+    single.loc[single.task == "b", "score"] = np.nan
+    with pytest.warns(UserWarning, match="lora/b"):
+        norm = normalize(res, reference_scores(single), nan="zero")
+    assert norm[norm.task == "b"]["normalized"].isna().all() and norm[norm.task == "a"]["normalized"].notna().all()
+    with pytest.raises(ResultsError, match="no single-task score"):
+        normalize(res, reference_scores(single[single.task == "a"]), nan="zero")
