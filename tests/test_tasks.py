@@ -170,7 +170,7 @@ def test_balanced_splits_short_class():
 def test_glue_loader_with_fake_hub(monkeypatch):
     "Splits and prompts of the GLUE loader, with the hub replaced by a list."
     import llora.tasks as T
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False); monkeypatch.delenv("LLORA_DATA", raising=False)
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_DATA"): monkeypatch.delenv(v, raising=False)
     train = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(50)]
     val = [{"sentence": f"v{i}", "label": 1, "idx": i} for i in range(7)]
     calls = []
@@ -190,7 +190,7 @@ def test_glue_loader_with_fake_hub(monkeypatch):
 def test_vision_loader_with_fake_hub(monkeypatch):
     import llora.tasks as T
     from PIL import Image
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False); monkeypatch.delenv("LLORA_DATA", raising=False)
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_DATA"): monkeypatch.delenv(v, raising=False)
     data = [{"image": Image.new("L", (4, 4)), "label": i % 10} for i in range(30)]
     monkeypatch.setattr(T, "_hub_dataset", lambda task, path, config, split, root: data)
     svhn = get_task("SVHN")
