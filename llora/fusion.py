@@ -643,7 +643,8 @@ def lora_expansion_point(model) -> tuple[dict, dict]:
     point, scales = {}, {}
     for name, mod in model.named_modules():
         lora_A, lora_B, scaling = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None), getattr(mod, "scaling", None)
-        if not (isinstance(lora_A, Mapping) and isinstance(lora_B, Mapping) and isinstance(scaling, Mapping)): continue
+        dicts = (Mapping, torch.nn.ModuleDict)  # peft holds the factors in ModuleDicts (not Mappings)
+        if not (isinstance(lora_A, dicts) and isinstance(lora_B, dicts) and isinstance(scaling, Mapping)): continue
         for a in lora_A:
             point[f"{name}.lora_A.{a}.weight"] = lora_A[a].weight.detach().clone()
             point[f"{name}.lora_B.{a}.weight"] = lora_B[a].weight.detach().clone()
