@@ -390,3 +390,42 @@ def test_bad_input_fails_clearly():
         lora_factors(TaskVector({"x.lora_B.default.weight": torch.ones(2, 2)}), point)
     with pytest.raises(ValueError, match="no LoRA layers"): lora_expansion_point(torch.nn.Linear(2, 2))
     with pytest.raises(KeyMismatchError, match="different keys"): fuse("knots", [ftvs[0], tvs[0]], scale=1.0)
+
+
+# --- FusionBench itself, where it is installed with its dependencies (the dev extra) ---------------------------------
+def _fusionbench(module):
+    return pytest.importorskip(module, reason="fusion-bench and its dependencies (omegaconf, hydra, lightning) not installed")
+
+
+def test_against_fusionbench_itself():
+    "The same comparisons as above, against FusionBench 0.2.33's own functions instead of their transcriptions."
+    iso = _fusionbench("fusion_bench.method.isotropic_merging.iso_utils")
+    tsvm = _fusionbench("fusion_bench.method.task_singular_vector.utils.TSVM_utils")
+    knots_utils = _fusionbench("fusion_bench.method.knots.knots_utils")
+    ties_utils = _fusionbench("fusion_bench.method.ties_merging.ties_merging_utils")
+    tvs = rand_tvs(3, seed=40, dtype=torch.float64)
+    plain = lambda: [{k: v.clone() for k, v in tv.items()} for tv in tvs]
+    close(fuse("tsv_m", tvs), TaskVector(tsvm.compute_and_sum_svd_mem_reduction(plain(), accelerator="cpu")), atol=1e-10)
+    close(fuse("iso_c", tvs), TaskVector(iso.iso_c(plain(), accelerator="cpu")), atol=1e-10)
+    close(fuse("iso_cts", tvs, common_fraction=0.8), TaskVector(iso.iso_cts(plain(), 0.8, accelerator="cpu")), atol=1e-10)
+    # DareTiesMerging = ties_merging(dropped, reset_thresh=20, merge_func) on the flattened task vectors
+    dropped = [dare_drop(tv, 0.3, seed=1, position=i) for i, tv in enumerate(tvs)]
+    flat = ties_utils.ties_merging(torch.vstack([d.flatten() for d in dropped]), reset_thresh=20, merge_func="mean")
+    close(fuse("dare_ties", tvs, p=0.3, seed=1, k=0.2, trim_rule="authors"), TaskVector.unflatten(flat, tvs[0]), atol=1e-10)
+    # KnOTS: FusionBench ships the basis (subspace_alignment), not a merge method
+    ftvs, _ = experts([3, 3, 3], seed=41)
+    one_layer = [TaskVector({k: v for k, v in tv.items() if k.startswith("m1.")}) for tv in ftvs]
+    dws = [2.0 * tv["m1.lora_B.default.weight"] @ tv["m1.lora_A.default.weight"] for tv in ftvs]
+    U, S, Vhs = knots_utils.subspace_alignment(dws)
+    merged = fuse("ties", [TaskVector({"w": v.contiguous()}) for v in Vhs], k=0.4)["w"]
+    torch.testing.assert_close(fuse("knots", one_layer, scale=2.0, k=0.4)["m1.base_layer.weight"], U @ torch.diag(S) @ merged)
+
+
+def test_adapters_is_linear_must_not_take_per_matrix_svd_merges_for_linear():
+    "llora.adapters.is_linear probes with 1-D tensors, on which TSV-M and Iso-C are the mean: it calls them linear."
+    from llora.adapters import is_linear
+    assert not is_linear("dare", 3)
+    for name in ("tsv_m", "iso_c", "iso_cts"):
+        if is_linear(name, 3):
+            pytest.xfail(f"llora.adapters.is_linear({name!r}) is True: merge_adapters would apply {name} to the stacked "
+                         "B blocks instead of ΔW (issue for 12_adapters: probe with 2-D tensors)")
