@@ -571,7 +571,7 @@ def _tsv_matrix(Ts:list) -> torch.Tensor:
     Us, Ss, Vhs = [], [], []
     for T in Ts:
         U, S, Vh = _svd(T)
-        Us.append(U[:, :k]); Ss.append(S[:k]); Vhs.append(Vh[:k])
+        Us.append(U[:, :k].clone()); Ss.append(S[:k].clone()); Vhs.append(Vh[:k].clone())  # not the full SVD
     return (_polar(torch.cat(Us, 1)) * torch.cat(Ss)) @ _polar(torch.cat(Vhs, 0))
 
 @register_method("tsv_m")
@@ -612,7 +612,7 @@ def _iso_cts_matrix(Ts:list, common_fraction:float) -> torch.Tensor:
     Us, Ss, Vhs = [], [], []
     for T in Ts:
         Ut, St, Vht = _svd(T - Uc @ (Uc.T @ T))  # the task's part orthogonal to the common subspace
-        Us.append(Ut[:, :per_task]); Ss.append(St[:per_task]); Vhs.append(Vht[:per_task])
+        Us.append(Ut[:, :per_task].clone()); Ss.append(St[:per_task].clone()); Vhs.append(Vht[:per_task].clone())
     sigma = torch.cat(Ss + [Sc]).mean()
     return (_polar(torch.cat(Us + [Uc], 1)) * sigma) @ _polar(torch.cat(Vhs + [Vhc], 0))
 
