@@ -608,9 +608,15 @@ EMBEDDED_GRIDS = {  # points of the authors' grids (HPARAM_GRIDS), fixed before 
     "task_arithmetic": [{"scaling": s} for s in (0.25, 0.5, 0.75, 1.0)],
     "ties": [{"k": 0.25, "scaling": s} for s in (0.5, 1.0)],  # TIES' recommended k≈20% (0.25 in the authors' grid)
     "simple_average": [{}],
+    "dare": [{"p": p, "scaling": s} for p in (0.5, 0.9) for s in (0.5, 1.0)],  # FusionBench's p=0.5, the DARE paper's 0.9
+    "dare_ties": [{"p": p, "scaling": 1.0} for p in (0.5, 0.9)],
+    "tsv_m": [{"scaling": s} for s in (0.5, 1.0)],  # the TSV-M paper's alpha = 1, and half of it
+    "iso_c": [{"scaling": s} for s in (0.5, 1.0, 1.5)],  # Iso-C/CTS select alpha on validation data; 1.5 reported
+    "iso_cts": [{"common_fraction": 0.8, "scaling": s} for s in (0.5, 1.0, 1.5)],
 }
 SMOKE_GRIDS = {"task_arithmetic": [{"scaling": 0.5}, {"scaling": 1.0}], "ties": [{"k": 0.5, "scaling": 1.0}],
-               "simple_average": [{}]}
+               "simple_average": [{}], "dare": [{"p": 0.5, "scaling": 1.0}], "dare_ties": [{"p": 0.5, "scaling": 1.0}],
+               "tsv_m": [{"scaling": 1.0}], "iso_c": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}]}
 
 PAPER_MODELS = {  # model -> its benchmark in the paper (and the model options of the authors' setup)
     "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper",
@@ -632,7 +638,8 @@ PROFILES = {  # one registry: what every experiment notebook's `profile` means
                   tiny=True, train_overrides={"steps": 2}, subsets_per_size=None, val_examples=16, test_examples=16,
                   grids=SMOKE_GRIDS, method_kwargs={"lorahub": {"budget": 4}}),
 }
-ALL_METHODS = ("simple_average", "task_arithmetic", "ties", "lorahub")
+ALL_METHODS = ("simple_average", "task_arithmetic", "ties", "lorahub",  # the paper's four, then the data-free newer ones
+               "dare", "dare_ties", "tsv_m", "iso_c", "iso_cts")  # (knots, core_space need the LoRA factors and scale)
 SWEEP_DEFAULTS = dict(max_tasks=None, select_on="validation", executor="local", batch_size=64, subset_seed=0)
 _SWEEP_OPTIONS = ("subsets_per_size", "val_examples", "test_examples", "grids", "method_kwargs", *SWEEP_DEFAULTS)
 
