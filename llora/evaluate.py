@@ -16,12 +16,12 @@ from .core import progress
 from .models import TaskModel, example_target
 from .task_vectors import TaskVector
 from .tasks import score as task_score
-from .train import (MODES, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable, prepare, resolve_task,
-                         theta0)
+from .train import (MODES, amp_dtype, autocast, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable,
+                         prepare, resolve_device, resolve_task, theta0)
 
 # %% auto #0
-__all__ = ['EVAL_CACHE_BYTES', 'references', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'applied', 'merged_model',
-           'task_vectors']
+__all__ = ['EVAL_CACHE_BYTES', 'references', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'precision_agreement',
+           'applied', 'merged_model', 'task_vectors']
 
 # %% ../nbs/09_evaluate.ipynb #22dbc106
 def references(task, # a task
@@ -89,23 +89,22 @@ def eval_batches(model:TaskModel, # the model whose `preprocess` makes the batch
     return cache[key]
 
 # %% ../nbs/09_evaluate.ipynb #87478eb3
-def _autocast(model:TaskModel, amp:bool):
-    if amp and model.device.type == "cuda": return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 def predictions(model:TaskModel, # the model to run (e.g. inside `applied`)
                 task, # task object or name
                 split:str="test", batch_size:int=64, max_examples:int|None=None,
-                amp:bool=True, # bf16 autocast on GPU
+                mixed_precision:str="auto", # `llora.train.MIXED_PRECISION`; "auto": bf16 (or fp16) on GPU, fp32 on CPU
+                device:str|torch.device|None=None, # move the model there first (`resolve_device`); None: where it is
                ) -> tuple[list, list]:
     "`(predictions, references)` of `task`/`split`, in the split's example order."
     task = resolve_task(task)
+    if device is not None: model.to(resolve_device(device))
+    amp_dtype(mixed_precision, model.device)  # a bad value fails before any work
     bt = eval_batches(model, task, split, batch_size, max_examples)
     outs = []
     was = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _autocast(model, amp):
+        with torch.inference_mode(), autocast(model.device, mixed_precision):
             for b in bt:
                 p = model.predict(task, b)
                 outs.extend(p.tolist() if torch.is_tensor(p) else list(p))
@@ -119,7 +118,8 @@ def evaluate(model:TaskModel, # a model (a `prepare`d one, a fine-tuned one, or 
              split:str="test", # "train", "validation" or "test"
              batch_size:int=64, # examples per forward pass
              max_examples:int|None=None, # evaluate on the first `max_examples` examples only
-             amp:bool=True, # bf16 autocast on GPU
+             mixed_precision:str="auto", # `llora.train.MIXED_PRECISION`; "auto": bf16 (or fp16) on GPU, fp32 on CPU
+             device:str|torch.device|None=None, # move the model there first (`resolve_device`); None: where it is
              show_progress:bool=False, # a progress bar over tasks
             ) -> pd.DataFrame:
     "Scores of `model` on `tasks`: a DataFrame with columns task, metric, score, n."
@@ -127,9 +127,29 @@ def evaluate(model:TaskModel, # a model (a `prepare`d one, a fine-tuned one, or 
     rows = []
     for t in progress(tasks, desc="evaluate", disable=not show_progress or None):
         t = resolve_task(t)
-        p, r = predictions(model, t, split, batch_size, max_examples, amp)
+        p, r = predictions(model, t, split, batch_size, max_examples, mixed_precision, device)
         rows.append(dict(task=t.name, metric=getattr(t, "metric", "accuracy"), score=metric_score(t, p, r), n=len(r)))
     return pd.DataFrame(rows, columns=["task", "metric", "score", "n"])
+
+# %% ../nbs/09_evaluate.ipynb #e4a1ce01
+def precision_agreement(model:TaskModel, # the model to compare (e.g. inside `applied`)
+                        tasks:list, # task names or objects
+                        mixed_precision:str="bf16", # the reduced precision compared with fp32
+                        split:str="test", batch_size:int=64, max_examples:int|None=None,
+                        rtol:float=1e-2, # regression: predictions within this relative tolerance count as equal
+                       ) -> pd.DataFrame:
+    "Per task: score in fp32 and at `mixed_precision`, `diff` (low − fp32) and `agreement` (share of equal predictions)."
+    if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)): tasks = [tasks]
+    rows = []
+    for t in map(resolve_task, tasks):
+        p32, r = predictions(model, t, split, batch_size, max_examples, "no")
+        plo, _ = predictions(model, t, split, batch_size, max_examples, mixed_precision)
+        same = [math.isclose(a, b, rel_tol=rtol, abs_tol=rtol) if isinstance(a, float) else a == b for a, b in zip(p32, plo)]
+        s32, slo = metric_score(t, p32, r), metric_score(t, plo, r)
+        rows.append(dict(task=t.name, metric=getattr(t, "metric", "accuracy"), fp32=s32, low=slo, diff=slo - s32,
+                         agreement=sum(same) / len(same), n=len(r)))
+    return pd.DataFrame(rows, columns=["task", "metric", "fp32", "low", "diff", "agreement", "n"]).rename(
+        columns={"low": mixed_precision})
 
 # %% ../nbs/09_evaluate.ipynb #c5ec88d2
 def _lora_layers(model:nn.Module) -> list:
@@ -211,9 +231,10 @@ def merged_model(model:TaskModel, # a `prepare`d model (not modified)
 # %% ../nbs/09_evaluate.ipynb #78bb5fd3
 _THETA0: dict = {}
 
-def _theta0_for(model:str, mode:str, tiny:bool, seed:int, lora:dict, model_kw:dict) -> dict:
-    key = (model, mode, bool(tiny), seed, tuple(sorted(lora.items())), repr(sorted(model_kw.items())))
-    if key not in _THETA0: _THETA0[key] = theta0(prepare(model, mode, tiny=tiny, seed=seed, model_kw=model_kw, **lora))
+def _theta0_for(model:str, mode:str, tiny:bool, seed:int, lora:dict, model_kw:dict, device:torch.device) -> dict:
+    key = (model, mode, bool(tiny), seed, tuple(sorted(lora.items())), repr(sorted(model_kw.items())), str(device))
+    if key not in _THETA0:
+        _THETA0[key] = theta0(prepare(model, mode, tiny=tiny, seed=seed, model_kw=model_kw, device=device, **lora))
     return _THETA0[key]
 
 def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (its θ0 is used)
@@ -222,6 +243,7 @@ def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (it
                  ckpt_root:str|Path, # the `out_dir` given to `finetune`
                  tiny:bool=False, # tiny configuration
                  seed:int=42, # the seed the runs used (fixes A0)
+                 device:str|torch.device|None=None, # where the vectors go (`resolve_device`); None: θ0's device
                 ) -> dict:
     "`{task: TaskVector}` of the fine-tuned checkpoints, relative to θ0 of `prepare(model, mode, seed=seed)`."
     if mode not in MODES: raise ValueError(f"Unknown fine-tuning mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -235,6 +257,8 @@ def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (it
         cfg = meta["config"]
         if cfg["seed"] != seed: raise ValueError(f"task_vectors: {ckpt} was trained with seed {cfg['seed']}, not {seed}")
         t0 = theta0(model) if isinstance(model, TaskModel) else _theta0_for(name, mode, tiny, seed, cfg.get("lora", {}),
-                                                                           checkpoint_model_kw(cfg))
-        out[tname] = TaskVector.between(t0, load_trainable(ckpt), keys=list(t0))
+                                                                           checkpoint_model_kw(cfg), resolve_device(device))
+        dev = resolve_device(device) if device is not None else next(iter(t0.values())).device
+        out[tname] = TaskVector.between({k: v.to(dev) for k, v in t0.items()}, load_trainable(ckpt, device=str(dev)),
+                                        keys=list(t0))
     return out

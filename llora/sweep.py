@@ -16,12 +16,13 @@ import pandas as pd
 from .core import atomic_write_text, is_offline, progress, save_csv
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS',
-           'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'RayExecutor', 'get_executor',
-           'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'FusionSetup',
-           'SingleUnit', 'single_unit', 'mean_normalized', 'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job',
-           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup',
-           'resolve_profile', 'parse_pairs', 'MissingInputsError', 'check_available']
+__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES',
+           'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'forwarded_env',
+           'RayExecutor', 'get_executor', 'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode',
+           'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit', 'single_unit', 'mean_normalized',
+           'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job', 'ensure_checkpoints', 'SweepResult',
+           'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup', 'resolve_profile', 'parse_pairs',
+           'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -80,6 +81,13 @@ def _import_ray():
                           "ray`); or use executor='local'.") from e
     return ray
 
+FORWARDED_ENV = ("LLORA_CACHE", "LLORA_DATA", "LLORA_PROGRESS", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
+                 "HF_DATASETS_CACHE", "TRANSFORMERS_OFFLINE")  # the driver's settings every Ray worker gets
+
+def forwarded_env() -> dict:
+    "The driver's values of `FORWARDED_ENV` (those that are set): where data, checkpoints and hub caches are, offline."
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
 class RayExecutor:
     "Run jobs as Ray tasks: spread over a cluster (`address`) or a local Ray instance started on demand."
     kind = "ray"
@@ -87,37 +95,50 @@ class RayExecutor:
                  address:str|None=None, # a running cluster ("auto", "ray://host:10001"); None: start a local instance
                  num_cpus:int|None=None, # CPUs of the local instance (ignored with `address`)
                  cpus_per_job:float=1, # CPUs reserved per job
-                 gpus_per_job:float=0, # GPUs reserved per job (e.g. 1, or 0.5 to share a GPU between two jobs)
+                 gpus_per_job:float=0, # GPUs reserved per job (1: each concurrent job gets its own GPU; 0.5: two share one)
                  max_in_flight:int|None=None, # jobs submitted at once (default: all)
-                 init_kwargs:dict|None=None, # more `ray.init` arguments
+                 init_kwargs:dict|None=None, # more `ray.init` arguments (e.g. `num_gpus=` of a local instance)
                  start_attempts:int=3, # tries to start a local instance (its start can time out on a busy machine)
                 ):
+        for name, v in (("cpus_per_job", cpus_per_job), ("gpus_per_job", gpus_per_job)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"Parameter `{name}` must be a number >= 0, not {v!r}")
         self.address, self.num_cpus, self.max_in_flight = address, num_cpus, max_in_flight
         self.options = dict(num_cpus=cpus_per_job, num_gpus=gpus_per_job)
         self.init_kwargs, self.start_attempts = dict(init_kwargs or {}), max(1, int(start_attempts))
         self.ray = _import_ray()
         self._started = False
 
-    def _init(self):
-        ray = self.ray
-        if ray.is_initialized(): return
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    def ray_init_kwargs(self) -> dict:
+        "The `ray.init` arguments: llora's and the hub's environment (`forwarded_env`) reaches every worker, local or not."
         kw = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True) | self.init_kwargs
+        env = forwarded_env()
         if self.address is None:
             if self.num_cpus is not None: kw.setdefault("num_cpus", self.num_cpus)
             # local workers import what the driver imports (functions are pickled by reference to their module;
             # code defined in a notebook or script `__main__` travels by value): hand them the driver's sys.path
-            env = {k: v for k, v in os.environ.items()
-                   if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_CACHE", "LLORA_DATA", "LLORA_PROGRESS")}
             env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd()] + sys.path if p and os.path.isdir(p))
-            kw.setdefault("runtime_env", {"env_vars": env})
         else: kw["address"] = self.address
-        for attempt in range(self.start_attempts):
-            try: ray.init(**kw); break
-            except Exception as e:  # Ray's raylet gives its agents 15 s to start: on a loaded machine a retry helps
-                if self.address is not None or attempt + 1 == self.start_attempts or "timed out" not in str(e): raise
-                ray.shutdown()
-        self._started = True
+        runtime_env = dict(kw.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+        kw["runtime_env"] = runtime_env
+        return kw
+
+    def _init(self):
+        ray = self.ray
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            kw = self.ray_init_kwargs()
+            for attempt in range(self.start_attempts):
+                try: ray.init(**kw); break
+                except Exception as e:  # Ray's raylet gives its agents 15 s to start: on a loaded machine a retry helps
+                    if self.address is not None or attempt + 1 == self.start_attempts or "timed out" not in str(e): raise
+                    ray.shutdown()
+            self._started = True
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if self.options["num_gpus"] > gpus and self.address is None:  # a local instance never grows: jobs would wait forever
+            raise ValueError(f"gpus_per_job={self.options['num_gpus']} but the local Ray instance has {gpus:g} GPU(s): "
+                             f"lower `gpus_per_job` (0 for CPU jobs) or connect to a cluster with GPUs (`address`)")
 
     def imap(self, fn:Callable, items:Sequence, desc:str|None=None):
         "Yield `(index, result)` as the Ray tasks finish (not in order)."
@@ -280,12 +301,13 @@ def _timed_call(fn, item):
     return rows, time.perf_counter() - t
 
 # %% ../nbs/10_sweep.ipynb #54ad612c
+import torch
 from .results import (SCHEMA, SINGLE_SCHEMA, Aggregate, best_per_task, by_size, check_results, hparams_json,
                            model_scores, normalize, reference_scores, select_best, table1, write_results)
 from .tasks import get_task, EMBEDDED_BENCHMARK
 from .models import MODELS
-from .train import (MODES, base_model, checkpoint_dir, checkpoint_model_kw, finetune, load_meta, model_options,
-                         prepare, resolve_hparams, resolve_task)
+from .train import (MODES, amp_dtype, base_model, checkpoint_dir, checkpoint_model_kw, finetune, load_meta,
+                         model_options, prepare, resolve_device, resolve_hparams, resolve_task, theta0)
 from .evaluate import applied, evaluate, task_vectors
 from .fusion import HPARAM_GRIDS, METHODS, fuse
 
@@ -314,8 +336,18 @@ def sample_subsets(tasks:Sequence[str], # the tasks
     return [subs[i] for i in sorted(keep)]
 
 # %% ../nbs/10_sweep.ipynb #d71339d2
+def vectors_device(device:torch.device, # where the model is
+                   nbytes:int, # size of all task vectors of a setup
+                   headroom:float=3.0, # merges need temporaries: keep this many times `nbytes` free
+                  ) -> torch.device:
+    "`device` when `nbytes` of task vectors (times `headroom`) fit in its free memory, else the CPU."
+    if device.type != "cuda": return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes * headroom <= free else torch.device("cpu")
+
 @functools.lru_cache(maxsize=2)
-def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:int, model_kw:str="{}"):
+def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:int, model_kw:str="{}",
+             device:str="auto"):
     "(θ0 model, {task: TaskVector}) of a (model, mode), built once per process from the checkpoints' own configuration."
     cfgs = {t: load_meta(checkpoint_dir(ckpt_root, model, mode, t, tiny=tiny))["config"] for t in tasks}
     want = json.loads(model_kw)
@@ -325,8 +357,9 @@ def _context(model:str, mode:str, tasks:tuple, ckpt_root:str, tiny:bool, seed:in
                                f"(`ensure_checkpoints(..., model_kw=)`, `run_fusion_sweep(..., finetune_missing=True)`) "
                                f"or ask for theirs.")
     cfg = cfgs[tasks[0]]
-    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=checkpoint_model_kw(cfg), **cfg.get("lora", {}))
-    return m, task_vectors(m, mode, list(tasks), ckpt_root, tiny=tiny, seed=seed)
+    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=checkpoint_model_kw(cfg), device=device, **cfg.get("lora", {}))
+    nbytes = len(tasks) * sum(v.numel() * v.element_size() for v in theta0(m).values())
+    return m, task_vectors(m, mode, list(tasks), ckpt_root, tiny=tiny, seed=seed, device=vectors_device(m.device, nbytes))
 
 def _options_json(model_kw:dict|str|None) -> str:
     "The canonical JSON of model options, as `finetune` records them (local paths absolute)."
@@ -347,13 +380,17 @@ class FusionSetup:
     batch_size: int = 64 # evaluation batch size
     model_kw: str|dict = "{}" # model options the checkpoints must have been trained with (`pretrained`, ...; kept as JSON)
     data_root: str|None = None # local data of the tasks (None: the loaders' default, $LLORA_DATA)
+    device: str = "auto" # where models, task vectors and merges live (`llora.train.resolve_device`), in each worker
+    mixed_precision: str = "auto" # evaluation autocast (`llora.train.MIXED_PRECISION`; "auto": bf16 on GPU, fp32 on CPU)
 
     def __post_init__(self):
         object.__setattr__(self, "model_kw", _options_json(self.model_kw))
         if self.data_root is not None: object.__setattr__(self, "data_root", str(self.data_root))
+        object.__setattr__(self, "device", str(self.device))
+        amp_dtype(self.mixed_precision, "cpu")  # a bad name fails here, in the driver
 
     def context(self): return _context(self.model, self.mode, tuple(self.tasks), str(self.ckpt_root), self.tiny,
-                                       self.seed, self.model_kw)
+                                       self.seed, self.model_kw, self.device)
 
     def max_examples(self, split:str) -> int|None:
         return self.val_examples if split == "validation" else self.test_examples
@@ -366,7 +403,8 @@ class FusionSetup:
         m, _ = self.context()
         with applied(m, tv):
             df = evaluate(m, [resolve_task(t, self.data_root) for t in (tasks or self.tasks)], split=split,
-                          batch_size=self.batch_size, max_examples=self.max_examples(split))
+                          batch_size=self.batch_size, max_examples=self.max_examples(split),
+                          mixed_precision=self.mixed_precision)
         return {t: float(s) for t, s in zip(df["task"], df["score"])}
 
     def fingerprint(self) -> str:
@@ -377,8 +415,10 @@ class FusionSetup:
 
     def key(self) -> dict:
         "The identity of the setup in unit keys (the checkpoint folder itself is not part of it, its content is)."
+        dt = amp_dtype(self.mixed_precision, resolve_device(self.device))  # as the workers will resolve it
         return dict(model=self.model, mode=self.mode, tasks=list(self.tasks), tiny=self.tiny, seed=self.seed,
-                    val_examples=self.val_examples, test_examples=self.test_examples, ckpt=self.fingerprint())
+                    val_examples=self.val_examples, test_examples=self.test_examples, ckpt=self.fingerprint(),
+                    **({} if dt is None else {"precision": str(dt).removeprefix("torch.")}))  # fp32 keys as before
 
 # %% ../nbs/10_sweep.ipynb #1e72e2cc
 from .results import normalized_score, warn_undefined_references
@@ -476,25 +516,29 @@ class FinetuneJob:
     overrides: str = "{}" # JSON of hyperparameter overrides (`steps`, `lr`, ...)
     model_kw: str = "{}" # JSON of model builder options (`pretrained`, ...)
     data_root: str|None = None # local data of the task (None: $LLORA_DATA)
+    device: str = "auto" # `llora.train.resolve_device`, in the process that runs the job
 
 def finetune_job(j:FinetuneJob) -> str:
     "Run (or reuse) one fine-tuning run; return its checkpoint folder."
     return str(finetune(j.model, j.task, j.mode, preset=j.preset, seed=j.seed, out_dir=j.ckpt_root, tiny=j.tiny,
-                        model_kw=json.loads(j.model_kw), data_root=j.data_root, **json.loads(j.overrides)))
+                        model_kw=json.loads(j.model_kw), data_root=j.data_root, device=j.device,
+                        **json.loads(j.overrides)))
 
 def ensure_checkpoints(model:str, modes:Sequence[str], tasks:Sequence[str], ckpt_root:str|Path,
                        preset:str="embedded", tiny:bool=False, seed:int=42,
                        executor:str|LocalExecutor|RayExecutor="local",
                        model_kw:dict|None=None, # model builder options (`pretrained=`, ...), recorded in the checkpoints
                        data_root:str|Path|None=None, # local data of the tasks (None: $LLORA_DATA)
-                       **overrides, # hyperparameter overrides for `finetune` (e.g. `steps=`)
+                       device:str="auto", # where each job trains (`llora.train.resolve_device`)
+                       cpus_per_job:float=1, gpus_per_job:float=0, # resources of each job, for executor="ray"
+                       **overrides, # hyperparameter overrides for `finetune` (e.g. `steps=`, `mixed_precision=`)
                       ) -> dict:
     "Fine-tune every (mode, task) without a finished checkpoint of this configuration (another one warns and is retrained)."
     root = None if data_root is None else str(data_root)
     jobs = [FinetuneJob(model, t, m, preset, str(ckpt_root), tiny, seed, canonical_json(overrides), _options_json(model_kw),
-                        root) for m in modes for t in tasks]
-    return {(j.mode, j.task): Path(p) for j, p in zip(jobs, get_executor(executor).map(finetune_job, jobs,
-                                                                                      desc="fine-tune"))}
+                        root, str(device)) for m in modes for t in tasks]
+    ex = get_executor(executor, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
+    return {(j.mode, j.task): Path(p) for j, p in zip(jobs, ex.map(finetune_job, jobs, desc="fine-tune"))}
 
 # %% ../nbs/10_sweep.ipynb #d4da6623
 @dataclass
@@ -536,6 +580,10 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
                      train_overrides:dict|None=None, # hyperparameter overrides of the fine-tuning runs (`steps`, `lr`, ...)
                      model_kw:dict|None=None, # model builder options (`pretrained=` a hub id / local folder / file, ...)
                      data_root:str|Path|None=None, # local data of the tasks (None: the loaders' default, $LLORA_DATA)
+                     device:str="auto", # where fine-tuning, merges and evaluation run (`llora.train.resolve_device`)
+                     mixed_precision:str="auto", # evaluation autocast (`llora.train.MIXED_PRECISION`)
+                     cpus_per_job:float=1, # CPUs of each job (fine-tune or shard), for executor="ray"
+                     gpus_per_job:float=0, # GPUs of each job, for executor="ray" (1: every concurrent job has its own)
                     ) -> SweepResult:
     "The subset × grid fusion sweep; resumable (shards in `<out_dir>/shards`); writes `sweep.csv` and `single_task.csv`."
     if select_on not in ("validation", "test"): raise ValueError(f"select_on must be 'validation' or 'test', not {select_on!r}")
@@ -551,15 +599,15 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
     out_dir = Path(out_dir); store = ShardStore(out_dir/"shards")
     from llora.core import cache_dir
     ckpt_root = str(ckpt_root if ckpt_root is not None else cache_dir("runs"))
-    ex = get_executor(executor)
+    ex = get_executor(executor, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
     secs, t0 = {}, time.perf_counter()
     if finetune_missing:
         ensure_checkpoints(model, modes, tasks, ckpt_root, preset, tiny, seed, ex, model_kw=model_kw, data_root=data_root,
-                           **(train_overrides or {}))
+                           device=device, **(train_overrides or {}))
     secs["finetune"] = time.perf_counter() - t0
     root = None if data_root is None else str(data_root)
     setups = {m: FusionSetup(model, m, tasks, ckpt_root, tiny, seed, val_examples, test_examples, batch_size,
-                             _options_json(model_kw), root) for m in modes}
+                             _options_json(model_kw), root, device, mixed_precision) for m in modes}
     splits = ("test",) if select_on == "test" else SPLITS
     # 1. single-task references (and θ0), one unit per (mode, task)
     t1 = time.perf_counter()
@@ -640,7 +688,8 @@ PROFILES = {  # one registry: what every experiment notebook's `profile` means
 }
 ALL_METHODS = ("simple_average", "task_arithmetic", "ties", "lorahub",  # the paper's four, then the data-free newer ones
                "dare", "dare_ties", "tsv_m", "iso_c", "iso_cts")  # (knots, core_space need the LoRA factors and scale)
-SWEEP_DEFAULTS = dict(max_tasks=None, select_on="validation", executor="local", batch_size=64, subset_seed=0)
+SWEEP_DEFAULTS = dict(max_tasks=None, select_on="validation", executor="local", batch_size=64, subset_seed=0,
+                      device="auto", mixed_precision="auto", cpus_per_job=1, gpus_per_job=0)
 _SWEEP_OPTIONS = ("subsets_per_size", "val_examples", "test_examples", "grids", "method_kwargs", *SWEEP_DEFAULTS)
 
 def _split_list(v) -> tuple|None:
@@ -751,6 +800,13 @@ def resolve_profile(profile:str="embedded", # "embedded", "paper" or "smoke"
     cfg["subset_seed"] = int_param("subset_seed", cfg["subset_seed"], 0, ())
     if cfg["select_on"] not in ("validation", "test"):
         raise ValueError(f"Parameter `select_on` must be 'validation' or 'test', not {cfg['select_on']!r}")
+    amp_dtype(cfg["mixed_precision"], "cpu")  # an unknown name lists the valid ones
+    try: resolve_device(cfg["device"])
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"Parameter `device` must be 'auto', 'cpu', 'cuda', 'cuda:N', ..., not {cfg['device']!r} ({e})") from None
+    for k in ("cpus_per_job", "gpus_per_job"):
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float)) or cfg[k] < 0:
+            raise ValueError(f"Parameter `{k}` must be a number >= 0, not {cfg[k]!r}")
     if isinstance(cfg["executor"], str) and cfg["executor"] not in EXECUTORS:
         raise ValueError(f"Unknown executor {cfg['executor']!r} (parameter `executor`); valid: {', '.join(EXECUTORS)}")
     if cfg["grids"] is not None and not isinstance(cfg["grids"], dict):

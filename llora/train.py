@@ -18,9 +18,10 @@ from .linearize import (LinearizedModelWrapper, export_lora_adapter, linear_laye
 from .models import MODELS, TaskModel, get_model
 
 # %% auto #0
-__all__ = ['MODES', 'PRESETS', 'preset_model_kw', 'model_options', 'resolve_hparams', 'base_model', 'prepare', 'theta0',
-           'make_optimizer', 'lr_factor', 'make_scheduler', 'checkpoint_dir', 'load_trainable', 'load_meta',
-           'save_adapter', 'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'load_finetuned']
+__all__ = ['MODES', 'PRESETS', 'MIXED_PRECISION', 'preset_model_kw', 'model_options', 'resolve_hparams', 'resolve_device',
+           'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare', 'theta0', 'make_optimizer', 'lr_factor',
+           'make_scheduler', 'checkpoint_dir', 'load_trainable', 'load_meta', 'save_adapter', 'wait_for_all',
+           'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
 MODES = ("full", "lora", "l_lora", "ntk", "linear_only")
@@ -83,6 +84,7 @@ def resolve_hparams(preset:str|dict="embedded", # a key of `PRESETS`, or a dict 
     bad = [k for k in overrides if k not in _HPARAM_KEYS]
     if bad: raise ValueError(f"Unknown hyperparameter(s) {bad}; valid: {', '.join(_HPARAM_KEYS)}")
     hp.update({k: v for k, v in overrides.items() if v is not None})
+    if hp.get("mixed_precision") == "no": del hp["mixed_precision"]  # fp32, the default, is not recorded (old runs match)
     if steps is not None: hp["steps"] = int(steps)
     hp.pop("lr_grid", None)
     def pick(v):
@@ -96,19 +98,58 @@ def resolve_hparams(preset:str|dict="embedded", # a key of `PRESETS`, or a dict 
     if hp["steps"] < 0 or hp["batch_size"] < 1: raise ValueError(f"Bad steps/batch_size: {hp['steps']}, {hp['batch_size']}")
     return hp
 
+# %% ../nbs/08_train.ipynb #d3v1ce01
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+
+def resolve_device(device:str|torch.device|None="auto", # "auto"/None: CUDA when available, else CPU; or "cpu", "cuda:1", ...
+                  ) -> torch.device:
+    "The device `device` names: 'auto' (or None) is CUDA when available (a launched process's own GPU), else the CPU."
+    if device is None or device == "auto":
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ: return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return get_device(None)
+    return get_device(device)
+
+def amp_dtype(mixed_precision:str="no", # one of `MIXED_PRECISION`
+              device:str|torch.device|None="auto", # where the computation runs
+             ) -> torch.dtype|None:
+    "The autocast dtype of `mixed_precision` on `device`; None means fp32 (no autocast)."
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"Unknown mixed_precision {mixed_precision!r} (parameter `mixed_precision`); "
+                         f"valid: {', '.join(MIXED_PRECISION)}")
+    dev = resolve_device(device)
+    if mixed_precision == "auto":
+        if dev.type != "cuda": return None
+        mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+def autocast(device:str|torch.device|None="auto", # where the block runs
+             mixed_precision:str="no", # one of `MIXED_PRECISION`
+            ):
+    "`torch.autocast` on `device` at `mixed_precision`; a no-op context for fp32."
+    dev = resolve_device(device)
+    dt = amp_dtype(mixed_precision, dev)
+    return contextlib.nullcontext() if dt is None else torch.autocast(device_type=dev.type, dtype=dt)
+
+def grad_scaler(device:str|torch.device|None="auto", mixed_precision:str="no") -> torch.amp.GradScaler:
+    "A `GradScaler` for `device`, active only for fp16 (bf16 and fp32 need no loss scaling)."
+    dev = resolve_device(device)
+    return torch.amp.GradScaler(dev.type, enabled=amp_dtype(mixed_precision, dev) == torch.float16)
+
 # %% ../nbs/08_train.ipynb #52ec07fd
 _BASE_CACHE: dict = {}
 
 def base_model(name:str, # a key of `llora.models.MODELS`
                tiny:bool=False, # the tiny random configuration
-               cache:bool=True, # keep one pristine copy in memory and return deep copies of it
+               cache:bool=True, # keep one pristine copy (on the CPU) in memory and return copies of it
+               device:str|torch.device|None="auto", # where the copy goes (`resolve_device`)
                **model_kw, # passed to `get_model` (e.g. `max_length=`)
               ) -> TaskModel:
-    "A fresh copy of the registered model `name` (pre-trained weights, nothing added)."
+    "A fresh copy of the registered model `name` on `device` (pre-trained weights, nothing added)."
+    dev = resolve_device(device)
     key = (name, bool(tiny), tuple(sorted(model_kw.items())))
-    if not cache: return get_model(name, tiny=tiny, **model_kw)
+    if not cache: return get_model(name, tiny=tiny, **model_kw).to(dev)
     if key not in _BASE_CACHE: _BASE_CACHE[key] = get_model(name, tiny=tiny, **model_kw)
-    return copy.deepcopy(_BASE_CACHE[key])
+    return copy.deepcopy(_BASE_CACHE[key]).to(dev)
 
 # %% ../nbs/08_train.ipynb #14aae4b8
 def _set_trainable(module:nn.Module, flag:bool):
@@ -120,12 +161,13 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
             seed:int=42, # seed of LoRA's $A_0$ (the same for every task, so task vectors share $A_0$)
             model_kw:dict|None=None, # passed to `get_model` (e.g. `dict(max_length=64)`)
             freeze_lora_a:bool=True, # l_lora: freeze $A$ (its gradient is exactly 0 when $B_0=0$)
+            device:str|torch.device|None="auto", # where the model is built (`resolve_device`); θ0 is recorded there
             **lora_kw, # `r`, `alpha`, `dropout`, `targets` for `TaskModel.add_lora`
            ) -> TaskModel:
     "The model in its $\\theta_0$ state for `mode`: exactly the trainable parameters are the task-vector space."
     _check_mode(mode)
-    if isinstance(model, str): m = base_model(model, tiny=tiny, **(model_kw or {}))
-    elif isinstance(model, TaskModel): m = model
+    if isinstance(model, str): m = base_model(model, tiny=tiny, device=device, **(model_kw or {}))
+    elif isinstance(model, TaskModel): m = model.to(resolve_device(device))
     else: raise TypeError(f"prepare: model must be a registry name or a TaskModel, got {type(model).__name__}")
     if getattr(m, "llora_mode", None) is not None: raise ValueError(f"prepare: the model is already prepared ({m.llora_mode}).")
     bad = [k for k in lora_kw if k not in ("r", "alpha", "dropout", "targets")]
@@ -258,6 +300,10 @@ def _want_accelerate(flag:bool|None) -> bool:
     if flag is not None: return bool(flag)
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
+def wait_for_all():
+    "A barrier across the processes of a distributed launch (nothing in a single process)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+
 @contextlib.contextmanager
 def _deterministic(on:bool=True):
     "Deterministic algorithms for the block (warn only where an op has none), restoring the previous setting."
@@ -285,22 +331,37 @@ def resolve_task(task, # a registered name or a task object
         return task
     return dataclasses.replace(task, options={**task.options, "root": str(Path(data_root).expanduser())})
 
+def _accelerator(dev:torch.device, mixed_precision:str, batch_size:int):
+    "An `Accelerator` that splits each global batch of `batch_size` across the launched processes."
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+    dt = amp_dtype(mixed_precision, dev)
+    acc = Accelerator(cpu=dev.type == "cpu", mixed_precision={None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
+                      dataloader_config=DataLoaderConfiguration(split_batches=True),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if batch_size % acc.num_processes:
+        raise ValueError(f"train: batch_size {batch_size} is the global batch, split across {acc.num_processes} "
+                         f"processes: choose a `batch_size` divisible by {acc.num_processes}")
+    return acc
+
 def train(model:TaskModel, # a `prepare`d model (trained in place)
           task, # task object (or name)
-          hp:dict, # hyperparameters (`resolve_hparams`)
+          hp:dict, # hyperparameters (`resolve_hparams`; `mixed_precision` one of `MIXED_PRECISION`, default "no")
           seed:int=42, # seed of the data order and dropout
           examples:list|None=None, # training examples (default: `task.load("train")`)
           accelerate:bool|None=None, # None: only under a multi-process launch
-          device=None, # single-process device (None: CUDA if available)
+          device:str|torch.device|None="auto", # `resolve_device`; under a launch, each process's own device
           desc:str="", # progress-bar label
           log_every:int=1, # record the loss every this many steps
          ) -> dict:
-    "Fine-tune `model` on `task` for `hp['steps']` steps; returns `dict(losses=[(step, loss)], seconds=...)`."
+    "Fine-tune `model` on `task` for `hp['steps']` steps of `hp['batch_size']` examples (global batch under DDP)."
     from torch.utils.data import DataLoader, RandomSampler
     task = resolve_task(task)
     examples = list(task.load("train")) if examples is None else list(examples)
     if not examples: raise ValueError(f"train: task {task.name!r} has no training examples")
-    steps, bs = int(hp["steps"]), int(hp["batch_size"])
+    steps, bs, mp = int(hp["steps"]), int(hp["batch_size"]), hp.get("mixed_precision") or "no"
+    dev = resolve_device(device)
+    amp_dtype(mp, dev)  # a bad value fails before any work
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(range(len(examples)), replacement=False, num_samples=max(1, steps * bs), generator=g)
@@ -310,15 +371,13 @@ def train(model:TaskModel, # a `prepare`d model (trained in place)
     opt = make_optimizer(params, hp)
     sched = make_scheduler(opt, hp)
     loss_mod = _TaskLoss(model, task)
-    acc = None
-    if _want_accelerate(accelerate):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-        acc = Accelerator(split_batches=True, mixed_precision=hp.get("mixed_precision") or "no",
-                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc, scaler = None, None
+    if _want_accelerate(accelerate):  # accelerate: DDP wrapper, per-process slices of each batch, autocast, scaler
+        acc = _accelerator(dev, mp, bs)
         loss_mod, opt, loader, sched = acc.prepare(loss_mod, opt, loader, sched)
     else:
-        model.to(get_device(device))
+        model.to(dev)
+        scaler = grad_scaler(dev, mp)
     model.train()
     losses, t0 = [], time.time()
     it = iter(loader)
@@ -327,13 +386,19 @@ def train(model:TaskModel, # a `prepare`d model (trained in place)
     with _deterministic(acc is None and model.device.type == "cpu"):
         for step in bar:
             batch = next(it)
-            loss = loss_mod(batch)
-            if acc is not None: acc.backward(loss)
-            else: loss.backward()
-            if hp.get("max_grad_norm"):
-                if acc is not None: acc.clip_grad_norm_(params, hp["max_grad_norm"])
-                else: torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            if acc is not None:
+                loss = loss_mod(batch)
+                acc.backward(loss)
+                if hp.get("max_grad_norm"): acc.clip_grad_norm_(params, hp["max_grad_norm"])
+                opt.step()
+                loss = acc.reduce(loss.detach(), "mean")  # the global batch's loss (mean of equal slices)
+            else:
+                with autocast(dev, mp): loss = loss_mod(batch)
+                scaler.scale(loss).backward()
+                if hp.get("max_grad_norm"):
+                    scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
+                scaler.step(opt); scaler.update()
+            sched.step(); opt.zero_grad(set_to_none=True)
             lv = float(loss.detach())
             if not math.isfinite(lv): raise FloatingPointError(f"train: loss became {lv} at step {step} ({task.name})")
             if step % log_every == 0 or step == steps - 1: losses.append((step, lv))
@@ -378,7 +443,7 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
              model_kw:dict|None=None, # model builder options for `get_model` (`pretrained=`, `paper_exact=`, ...)
              data_root:str|Path|None=None, # local data of the task (None: the loader's default, $LLORA_DATA)
              accelerate:bool|None=None, # None: use accelerate only under a multi-process launch
-             device=None, # single-process device
+             device=None, # `resolve_device` (None: "auto"); under a launch, each process's own device
              **overrides, # hyperparameter overrides (`lr=`, `batch_size=`, ...)
             ) -> Path:
     "Fine-tune `model` on `task` in `mode`; write and return the checkpoint folder."
@@ -399,10 +464,10 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
         if stored == config: return ckpt
         warnings.warn(f"finetune: {ckpt} holds a run with another configuration "
                       f"({'; '.join(config_diff(stored, config))}); retraining it with the requested one.")
-    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=build_kw, **lora)
+    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=build_kw, device=device, **lora)
     log = train(m, task_obj, hp, seed=seed, accelerate=accelerate, device=device,
                 desc=f"{model}/{mode}/{task_obj.name}")
-    if not log["main_process"]: return ckpt
+    if not log["main_process"]: wait_for_all(); return ckpt  # the main process writes the checkpoint
     trainable = {k: v.detach().cpu() for k, v in m.trainable_state_dict().items()}
     check_finite(trainable, f"finetune {model}/{mode}/{task_obj.name}")
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -416,6 +481,7 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
                 lora_config=_jsonable(m.lora_config.to_dict()) if getattr(m, "lora_config", None) else None,
                 torch=torch.__version__, finished=True)
     atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=1))
+    wait_for_all()
     return ckpt
 
 def load_finetuned(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`

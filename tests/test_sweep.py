@@ -69,17 +69,96 @@ def test_local_executor_order():
     assert LocalExecutor().map(toy_job, [2, 0]) == [toy_job(2), toy_job(0)]
 
 
-def test_ray_executor_matches_local(tmp_path):
-    "The same sweep through a small local Ray instance gives the same table as the local executor."
+FORWARD_PROBE = {"LLORA_DATA": "/nonexistent/llora-data-probe", "HF_DATASETS_CACHE": "/nonexistent/hf-datasets-probe"}
+
+
+@pytest.fixture(scope="module")
+def ray_gpus():
+    "One local Ray instance for the module (Ray starts slowly) declaring 2 GPUs on this CPU machine; jobs take 1 GPU each."
     pytest.importorskip("ray")
-    ex = get_executor("ray", num_cpus=2)
-    try:
-        items = list(range(6))
-        assert ex.map(toy_job, items) == get_executor("local").map(toy_job, items)
-        t_ray = run_sweep(toy_job, items, tmp_path/"ray", key=lambda i: {"unit": i}, executor=ex)
-    finally: ex.shutdown()
+    saved = {k: os.environ.get(k) for k in FORWARD_PROBE}
+    os.environ.update(FORWARD_PROBE)  # the driver's settings, captured into the runtime_env at start
+    ex = get_executor("ray", num_cpus=2, gpus_per_job=1, init_kwargs={"num_gpus": 2})
+    try: ex._init()
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    yield ex
+    ex.shutdown()
+
+
+def test_ray_executor_matches_local(tmp_path, ray_gpus):
+    "The same sweep through the local Ray instance gives the same table as the local executor."
+    ex = get_executor("ray", cpus_per_job=1)  # CPU jobs on the running instance
+    items = list(range(6))
+    assert ex.map(toy_job, items) == get_executor("local").map(toy_job, items)
+    t_ray = run_sweep(toy_job, items, tmp_path/"ray", key=lambda i: {"unit": i}, executor=ex)
     t_local = run_sweep(toy_job, items, tmp_path/"local", key=lambda i: {"unit": i})
     pd.testing.assert_frame_equal(t_ray, t_local)
+
+
+def gpu_job(item):
+    "Wait until every job of the batch runs (so they are concurrent), then report the GPUs and environment this one sees."
+    import ray
+    folder, i, n = item
+    Path(folder, f"started-{i}").touch()
+    deadline = time.time() + 120
+    while len(list(Path(folder).glob("started-*"))) < n and time.time() < deadline: time.sleep(0.05)
+    return dict(concurrent=len(list(Path(folder).glob("started-*"))) == n,
+                cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+                env={k: os.environ.get(k) for k in FORWARD_PROBE})
+
+
+def test_ray_concurrent_jobs_get_their_own_gpu(tmp_path, ray_gpus):
+    "gpus_per_job=1 on 2 declared GPUs: the two jobs run at once, each with its own CUDA_VISIBLE_DEVICES; env forwarded."
+    out = ray_gpus.map(gpu_job, [(str(tmp_path), i, 2) for i in range(2)])
+    assert all(o["concurrent"] for o in out)
+    assert all(o["cuda_visible"] is not None and o["cuda_visible"] == ",".join(o["gpu_ids"]) for o in out)
+    assert len({o["cuda_visible"] for o in out}) == 2 and all(len(o["gpu_ids"]) == 1 for o in out)
+    assert all(o["env"] == FORWARD_PROBE for o in out)
+
+
+def test_ray_refuses_gpus_a_local_instance_lacks(ray_gpus):
+    with pytest.raises(ValueError, match="gpus_per_job=3.*2 GPU"): get_executor("ray", gpus_per_job=3).map(toy_job, [1])
+    with pytest.raises(ValueError, match="`gpus_per_job`"): get_executor("ray", gpus_per_job=-1)
+
+
+def test_ray_runtime_env_reaches_cluster_workers(monkeypatch):
+    "With a cluster address, llora's and the hub's settings still travel (the local sys.path does not)."
+    pytest.importorskip("ray")
+    from llora.sweep import FORWARDED_ENV, RayExecutor
+    assert {"LLORA_CACHE", "LLORA_DATA", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE",
+            "TRANSFORMERS_OFFLINE", "LLORA_PROGRESS"} <= set(FORWARDED_ENV)
+    for k in FORWARDED_ENV: monkeypatch.setenv(k, f"/probe/{k}")
+    kw = RayExecutor(address="ray://head:10001", init_kwargs={"runtime_env": {"env_vars": {"MINE": "1"}}}).ray_init_kwargs()
+    assert kw["address"] == "ray://head:10001"
+    assert kw["runtime_env"]["env_vars"] == {**{k: f"/probe/{k}" for k in FORWARDED_ENV}, "MINE": "1"}
+    local = RayExecutor(num_cpus=1).ray_init_kwargs()["runtime_env"]["env_vars"]
+    assert "PYTHONPATH" in local and local["LLORA_DATA"] == "/probe/LLORA_DATA"
+
+
+def test_finetunes_and_shards_go_through_the_executor_with_resources(monkeypatch, tmp_path):
+    "run_fusion_sweep hands cpus_per_job / gpus_per_job to the executor it builds, and runs fine-tunes and shards on it."
+    import llora.sweep as S
+    seen = []
+    class Recorder(S.LocalExecutor):
+        def __init__(self, **kw): seen.append(kw)
+        def imap(self, fn, items, desc=None):
+            seen.append((desc, len(items))); yield from super().imap(fn, items, desc)
+    monkeypatch.setitem(S.EXECUTORS, "rec", Recorder)
+    class Stop(Exception): pass
+    def first_sweep(fn, items, store, key=None, executor=None, desc=None, **k):
+        seen.append(("sweep", desc, executor)); raise Stop
+    jobs = []
+    monkeypatch.setattr(S, "finetune", lambda *a, **k: jobs.append(k) or str(tmp_path))
+    monkeypatch.setattr(S, "run_sweep", first_sweep)
+    with pytest.raises(Stop):
+        S.run_fusion_sweep("minilm-l6", ["lora"], ["ties"], list(S.EMBEDDED_BENCHMARK[:2]), tmp_path, ckpt_root=tmp_path,
+                           preset="tiny", tiny=True, executor="rec", cpus_per_job=2, gpus_per_job=1, device="cpu")
+    assert seen[0] == {"cpus_per_job": 2, "gpus_per_job": 1}
+    assert seen[1] == ("fine-tune", 2) and all(j["device"] == "cpu" for j in jobs)
+    assert seen[2][:2] == ("sweep", "single-task scores") and isinstance(seen[2][2], Recorder)
 
 
 def test_ray_missing_message(monkeypatch):
