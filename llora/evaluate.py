@@ -16,7 +16,7 @@ from .core import progress
 from .models import TaskModel, example_target
 from .task_vectors import TaskVector
 from .tasks import score as task_score
-from .train import (MODES, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable, prepare, resolve_task,
+from .train import (MODES, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable, prepare, resolve_task,
                          theta0)
 
 # %% auto #0
@@ -236,5 +236,6 @@ def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (it
         if cfg["seed"] != seed: raise ValueError(f"task_vectors: {ckpt} was trained with seed {cfg['seed']}, not {seed}")
         t0 = theta0(model) if isinstance(model, TaskModel) else _theta0_for(name, mode, tiny, seed, cfg.get("lora", {}),
                                                                            checkpoint_model_kw(cfg))
+        if isinstance(model, TaskModel): check_fits(ckpt, model)  # one θ0 model for every task: it must fit each
         out[tname] = TaskVector.between(t0, load_trainable(ckpt), keys=list(t0))
     return out

@@ -289,3 +289,11 @@ def test_same_seed_same_bytes_in_a_fresh_process(tmp_path):
     assert files(a) == files(b) and len(files(a)) == 3
     assert load_meta(a)["files"] == load_meta(b)["files"]
     assert load_meta(a)["torch_threads"] == torch.get_num_threads()
+
+
+def test_task_vectors_refuse_checkpoints_of_another_rank(tmp_path):
+    "The sweep builds one θ0 model for all tasks: a task fine-tuned with another rank is named, not a torch error."
+    from llora.evaluate import task_vectors
+    run(tmp_path, "lora", lora={"r": 4})
+    with pytest.raises(CheckpointError, match="r: checkpoint 4, model 8"):
+        task_vectors(prepare("minilm-l6", "lora", tiny=True, r=8), "lora", [TOY.name], tmp_path, tiny=True)
