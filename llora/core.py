@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #0e8f3f30
 from __future__ import annotations
-import contextlib, os, random, tempfile
+import contextlib, hashlib, json, os, random, shutil, struct, tempfile, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,16 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['atomic_path', 'atomic_write_text', 'save_csv', 'save_figure', 'save_tensors', 'load_tensors', 'seed_everything',
-           'get_device', 'cache_dir', 'is_offline', 'hub_cache_dir', 'OfflineError', 'require_online', 'check_finite',
-           'progress']
+__all__ = ['atomic_path', 'atomic_write_text', 'file_lock', 'atomic_dir', 'save_csv', 'save_figure', 'save_tensors',
+           'load_tensors', 'file_sha256', 'seed_everything', 'get_device', 'cache_dir', 'is_offline', 'hub_cache_dir',
+           'OfflineError', 'require_online', 'check_finite', 'progress']
 
 # %% ../nbs/00_core.ipynb #b3d4095f
+def _umask() -> int:
+    "The process umask (read without changing it for longer than a call)."
+    umask = os.umask(0); os.umask(umask)
+    return umask
+
 @contextlib.contextmanager
 def atomic_path(path:str|Path, # the final file to create or replace
                ):
@@ -29,8 +34,7 @@ def atomic_path(path:str|Path, # the final file to create or replace
     tmp = Path(tmp)
     try:
         yield tmp
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -42,6 +46,64 @@ def atomic_write_text(path:str|Path, # destination file
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: tmp.write_text(text)
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #c4e1a0d2
+_HELD: dict = {}  # (lock file, thread id) -> depth, for re-entrant locking
+
+@contextlib.contextmanager
+def file_lock(path:str|Path, # the file or folder to guard (the lock is `.<name>.lock` beside it)
+              timeout:float|None=None, # seconds to wait for another holder (None: as long as it takes)
+             ):
+    "Hold the exclusive inter-process lock of `path` for the block (POSIX `flock`; re-entrant in the holding thread)."
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    key = (str(lock.resolve()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key] += 1
+        try: yield lock
+        finally: _HELD[key] -= 1
+        return
+    with open(lock, "a") as f:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} is being written by another process (it holds {lock}) for more than "
+                                       f"{timeout} s; wait for it, or raise `timeout`") from None
+                time.sleep(0.05)
+        _HELD[key] = 1
+        try: yield lock
+        finally:
+            del _HELD[key]
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+def _remove_leftovers(path:Path):
+    "Delete the temporary siblings (`.<name>.*.tmp`, `.old`) that killed writers of `path` left behind."
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.is_dir() and p.suffix in (".tmp", ".old"): shutil.rmtree(p, ignore_errors=True)
+
+@contextlib.contextmanager
+def atomic_dir(path:str|Path, # the folder to create or replace
+              ):
+    "Yield an empty temporary folder beside `path`; if the block succeeds it replaces `path` whole (under `file_lock`)."
+    path = Path(path)
+    with file_lock(path):
+        _remove_leftovers(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
+            old = tmp.with_suffix(".old") if path.exists() else None
+            if old: os.replace(path, old)
+            os.replace(tmp, path)
+            if old: shutil.rmtree(old)
+        finally:
+            if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00_core.ipynb #1aa0aa00
 def save_csv(df, # a pandas DataFrame
@@ -61,13 +123,25 @@ def save_figure(fig, # a matplotlib Figure
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #3cbb75c2
+def _sort_header_metadata(path:Path):
+    "Rewrite a safetensors header with its metadata keys sorted (safetensors orders them at random in each call)."
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        if len(header.get("__metadata__") or {}) < 2: return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) <= n: f.seek(8); f.write(new.ljust(n, b" "))  # same JSON reordered: same length, same data offsets
+
 def save_tensors(tensors:dict, # name -> tensor
                  path:str|Path, # destination `.safetensors` file
                  metadata:dict|None=None, # string -> string metadata stored in the header
                 ) -> Path:
-    "Save `tensors` as safetensors, atomically (tensors are made contiguous and moved to CPU)."
+    "Save `tensors` as safetensors, atomically and byte-reproducibly (tensors made contiguous and moved to CPU)."
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _sort_header_metadata(tmp)
     return Path(path)
 
 def load_tensors(path:str|Path, # a `.safetensors` file
@@ -77,6 +151,13 @@ def load_tensors(path:str|Path, # a `.safetensors` file
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"No checkpoint at {path}")
     return load_file(str(path), device=device)
+
+def file_sha256(path:str|Path) -> str:
+    "The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #8e8b78db
 def seed_everything(seed:int, # seed for python, numpy and torch

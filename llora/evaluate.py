@@ -16,8 +16,8 @@ from .core import progress
 from .models import TaskModel, example_target
 from .task_vectors import TaskVector
 from .tasks import score as task_score
-from .train import (MODES, amp_dtype, autocast, checkpoint_dir, checkpoint_model_kw, load_meta, load_trainable,
-                         prepare, resolve_device, resolve_task, theta0)
+from .train import (MODES, amp_dtype, autocast, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta,
+                         load_trainable, prepare, resolve_device, resolve_task, theta0)
 
 # %% auto #0
 __all__ = ['EVAL_CACHE_BYTES', 'references', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'precision_agreement',
@@ -259,6 +259,7 @@ def task_vectors(model:str|TaskModel, # registry name, or a `prepare`d model (it
         t0 = theta0(model) if isinstance(model, TaskModel) else _theta0_for(name, mode, tiny, seed, cfg.get("lora", {}),
                                                                            checkpoint_model_kw(cfg), resolve_device(device))
         dev = resolve_device(device) if device is not None else next(iter(t0.values())).device
+        if isinstance(model, TaskModel): check_fits(ckpt, model)  # one θ0 model for every task: it must fit each
         out[tname] = TaskVector.between({k: v.to(dev) for k, v in t0.items()}, load_trainable(ckpt, device=str(dev)),
                                         keys=list(t0))
     return out

@@ -4,24 +4,26 @@
 
 # %% ../nbs/08_train.ipynb #12dabd4b
 from __future__ import annotations
-import contextlib, copy, dataclasses, inspect, json, math, os, shutil, tempfile, time, warnings
+import ast, contextlib, copy, dataclasses, inspect, json, math, os, time, warnings
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .core import (atomic_write_text, cache_dir, check_finite, get_device, load_tensors, progress, save_tensors,
-                        seed_everything)
+from .core import (atomic_dir, cache_dir, check_finite, file_lock, file_sha256, get_device, load_tensors,
+                        progress, save_tensors, seed_everything)
 from .linearize import (LinearizedModelWrapper, export_lora_adapter, linear_layers_only, linearize_lora,
                              lora_parameters)
 from .models import MODELS, TaskModel, get_model
 
 # %% auto #0
-__all__ = ['MODES', 'PRESETS', 'MIXED_PRECISION', 'preset_model_kw', 'model_options', 'resolve_hparams', 'resolve_device',
-           'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare', 'theta0', 'make_optimizer', 'lr_factor',
-           'make_scheduler', 'checkpoint_dir', 'load_trainable', 'load_meta', 'save_adapter', 'wait_for_all',
-           'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'load_finetuned']
+__all__ = ['MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw', 'model_options', 'resolve_hparams',
+           'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare', 'theta0',
+           'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir', 'load_meta',
+           'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all', 'resolve_task', 'train',
+           'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
 MODES = ("full", "lora", "l_lora", "ntk", "linear_only")
@@ -230,6 +232,11 @@ def make_scheduler(opt:torch.optim.Optimizer, hp:dict) -> torch.optim.lr_schedul
         opt, partial(lr_factor, steps=hp["steps"], warmup=hp["warmup_steps"], schedule=hp["scheduler"]))
 
 # %% ../nbs/08_train.ipynb #33ca9e59
+CHECKPOINT_FORMAT = 2  # 2: meta.json records `files` (size and sha256 of every other file); 1 (no `format`): none
+
+class CheckpointError(ValueError):
+    "A checkpoint folder that is incomplete or corrupted, or does not fit the model it is loaded into."
+
 def checkpoint_dir(out_dir:str|Path, # root of all runs
                    model:str, # registry name
                    mode:str, # fine-tuning mode
@@ -239,29 +246,71 @@ def checkpoint_dir(out_dir:str|Path, # root of all runs
     "`<out_dir>/<model>/<mode>/<task>`."
     return Path(out_dir) / (f"{model}-tiny" if tiny else model) / mode / task
 
+def _recovery(ckpt_dir) -> str:
+    return (f"Run `finetune` for this run again (with resume=True it retrains a damaged checkpoint), or delete "
+            f"{ckpt_dir} and fine-tune it again.")
+
+def load_meta(ckpt_dir:str|Path) -> dict:
+    "The `meta.json` of a checkpoint folder (`FileNotFoundError` when absent, `CheckpointError` when unreadable)."
+    p = Path(ckpt_dir) / "meta.json"
+    if not p.exists(): raise FileNotFoundError(f"No finished run at {ckpt_dir} (meta.json missing): fine-tune it with `finetune`.")
+    try: meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}): truncated or corrupted. {_recovery(ckpt_dir)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{p} holds no run configuration ('config'): not written by `finetune`. {_recovery(ckpt_dir)}")
+    return meta
+
+def _check_file(ckpt_dir:Path, name:str, meta:dict):
+    "`CheckpointError` unless file `name` exists and (format 2) has the size and sha256 recorded in `meta`."
+    f = Path(ckpt_dir) / name
+    if not f.is_file(): raise CheckpointError(f"{f} is missing. {_recovery(ckpt_dir)}")
+    if "files" not in meta: return  # format 1: no manifest; the tensors are still checked when read
+    want = meta["files"].get(name)
+    if want is None: raise CheckpointError(f"{f} is not recorded in meta.json's file list. {_recovery(ckpt_dir)}")
+    if f.stat().st_size != want["size"]:
+        raise CheckpointError(f"{f} has {f.stat().st_size} bytes, meta.json recorded {want['size']} (truncated or "
+                              f"overwritten). {_recovery(ckpt_dir)}")
+    if file_sha256(f) != want["sha256"]:
+        raise CheckpointError(f"{f} does not match the sha256 recorded in meta.json (its bytes changed: corrupted on "
+                              f"disk or in transfer). {_recovery(ckpt_dir)}")
+
+def _read_tensors(ckpt_dir:Path, name:str, meta:dict, device:str="cpu") -> dict:
+    "The verified, finite tensors of the safetensors file `name` of a checkpoint."
+    _check_file(ckpt_dir, name, meta)
+    f = Path(ckpt_dir) / name
+    try: sd = load_tensors(f, device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} cannot be read as safetensors ({e}): truncated or corrupted. {_recovery(ckpt_dir)}") from None
+    try: check_finite(sd, str(f))
+    except ValueError as e: raise CheckpointError(f"{e}. {_recovery(ckpt_dir)}") from None
+    return sd
+
 def load_trainable(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`
                    device:str="cpu",
                   ) -> dict:
-    "The trainable parameters saved by `finetune` (name -> tensor)."
-    return load_tensors(Path(ckpt_dir) / "trainable.safetensors", device=device)
+    "The trainable parameters saved by `finetune` (name -> tensor), verified (`CheckpointError` if damaged)."
+    return _read_tensors(Path(ckpt_dir), "trainable.safetensors", load_meta(ckpt_dir), device)
 
-def load_meta(ckpt_dir:str|Path) -> dict:
-    "The `meta.json` of a checkpoint folder."
-    p = Path(ckpt_dir) / "meta.json"
-    if not p.exists(): raise FileNotFoundError(f"No finished run at {ckpt_dir} (meta.json missing)")
-    return json.loads(p.read_text())
+def verify_checkpoint(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`
+                     ) -> dict:
+    "Check that a checkpoint is finished and intact (every recorded file, or for format 1 its tensors); its meta."
+    ckpt_dir = Path(ckpt_dir)
+    meta = load_meta(ckpt_dir)
+    if not meta.get("finished"): raise CheckpointError(f"{ckpt_dir / 'meta.json'} does not mark the run finished. {_recovery(ckpt_dir)}")
+    if "files" in meta:
+        if "trainable.safetensors" not in meta["files"]:
+            raise CheckpointError(f"{ckpt_dir / 'meta.json'} records no trainable.safetensors. {_recovery(ckpt_dir)}")
+        for name in meta["files"]: _check_file(ckpt_dir, name, meta)
+    else:
+        _read_tensors(ckpt_dir, "trainable.safetensors", meta)
+        if (ckpt_dir / "adapter").exists(): _read_tensors(ckpt_dir, "adapter/adapter_model.safetensors", meta)
+    return meta
 
-@contextlib.contextmanager
-def _atomic_dir(path:Path):
-    "Yield a temporary folder beside `path`; replace `path` by it if the block succeeds."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists(): shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+def _manifest(folder:Path) -> dict:
+    "`{relative path: {size, sha256}}` of every file in `folder` except `meta.json`."
+    return {f.relative_to(folder).as_posix(): dict(size=f.stat().st_size, sha256=file_sha256(f))
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.relative_to(folder).as_posix() != "meta.json"}
 
 def _adapter_export(model:TaskModel) -> tuple[dict, object]:
     "The plain peft adapter (saved-file key layout) and its `LoraConfig` for a lora / l_lora model."
@@ -276,15 +325,23 @@ def _adapter_export(model:TaskModel) -> tuple[dict, object]:
         config = model.backbone.peft_config["default"]
     return sd, config
 
+def _write_adapter(model:TaskModel, folder:Path):
+    "Write the model's LoRA adapter files into `folder` (created)."
+    sd, config = _adapter_export(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(sd, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    if config is None: return
+    config = copy.deepcopy(config)
+    if isinstance(config.target_modules, (set, frozenset)):  # a set's order depends on the hash seed: sort it
+        config.target_modules = sorted(config.target_modules)
+    config.save_pretrained(str(folder))
+
 def save_adapter(model:TaskModel, # a `prepare`d lora / l_lora model
                  path:str|Path, # the adapter folder to write
                 ) -> Path:
-    "Write the model's LoRA adapter as a plain peft adapter folder (atomic)."
-    sd, config = _adapter_export(model)
+    "Write the model's LoRA adapter as a plain peft adapter folder (replaced whole, under its lock)."
     path = Path(path)
-    with _atomic_dir(path) as tmp:
-        save_tensors(sd, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        if config is not None: config.save_pretrained(str(tmp))
+    with atomic_dir(path) as tmp: _write_adapter(model, tmp)
     return path
 
 # %% ../nbs/08_train.ipynb #941834ea
@@ -411,6 +468,7 @@ def train(model:TaskModel, # a `prepare`d model (trained in place)
 def _jsonable(x):
     if isinstance(x, dict): return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)): return sorted(_jsonable(v) for v in x)  # e.g. peft's target_modules
     if isinstance(x, (str, int, float, bool)) or x is None: return x
     return str(x)
 
@@ -429,6 +487,22 @@ def config_diff(stored:dict, # the configuration recorded in a checkpoint
 def checkpoint_model_kw(config:dict) -> dict:
     "The `get_model` options a checkpoint was trained with (its preset's, then its recorded `model_kw`)."
     return model_options(config.get("hparams", {}), config.get("model_kw"))
+
+def _check_preset_fits(model:str, preset:str|dict, hp:dict):
+    "A clear error, before anything is built, when a preset sets model options the model's builder does not take."
+    takes = inspect.signature(MODELS[model].build).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()): return
+    bad = sorted(set(preset_model_kw(hp)) - set(takes))
+    if not bad: return
+    fits = [n for n, p in PRESETS.items() if not set(preset_model_kw(p)) - set(takes)]
+    name = preset if isinstance(preset, str) else "custom"
+    raise ValueError(f"preset {name!r} sets the model option(s) {bad}, which {model!r} does not take (its options: "
+                     f"{', '.join(k for k in takes if k != 'tiny')}). Choose a preset for this model "
+                     f"(preset={' or '.join(map(repr, fits))}) or pass `preset=` a dict without {bad}.")
+
+def _main_rank() -> bool:
+    "Whether this process writes checkpoints (rank 0 of a distributed launch, or the only process)."
+    return int(os.environ.get("RANK", "0")) == 0
 
 def finetune(model:str, # registry name (`llora.models.MODELS`)
              task:str, # task name (`llora.tasks`), or a task object
@@ -451,6 +525,7 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
     if model not in MODELS: raise ValueError(f"Unknown model {model!r}. Registered models: {', '.join(sorted(MODELS))}")
     task_obj = resolve_task(task, data_root)
     hp = resolve_hparams(preset, mode, steps=steps, **overrides)
+    _check_preset_fits(model, preset, hp)
     lora = dict(lora or {})
     user_kw = {k: _option_value(v) for k, v in (model_kw or {}).items()}
     build_kw = model_options(hp, user_kw)
@@ -459,30 +534,69 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
     config = _jsonable(dict(model=model, task=task_obj.name, mode=mode, tiny=tiny, seed=seed,
                             preset=preset if isinstance(preset, str) else "custom", hparams=hp, lora=lora,
                             **({"model_kw": user_kw} if user_kw else {})))  # no key without options: older runs match
-    if resume and (ckpt / "meta.json").exists() and (ckpt / "trainable.safetensors").exists():
-        stored = load_meta(ckpt).get("config") or {}
-        if stored == config: return ckpt
-        warnings.warn(f"finetune: {ckpt} holds a run with another configuration "
-                      f"({'; '.join(config_diff(stored, config))}); retraining it with the requested one.")
-    m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=build_kw, device=device, **lora)
-    log = train(m, task_obj, hp, seed=seed, accelerate=accelerate, device=device,
-                desc=f"{model}/{mode}/{task_obj.name}")
-    if not log["main_process"]: wait_for_all(); return ckpt  # the main process writes the checkpoint
-    trainable = {k: v.detach().cpu() for k, v in m.trainable_state_dict().items()}
-    check_finite(trainable, f"finetune {model}/{mode}/{task_obj.name}")
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "meta.json").unlink(missing_ok=True)  # not finished until meta.json is back
-    save_tensors(trainable, ckpt / "trainable.safetensors", metadata={"model": model, "mode": mode,
-                                                                     "task": task_obj.name})
-    if mode in ("lora", "l_lora"): save_adapter(m, ckpt / "adapter")
-    meta = dict(config=config, model=model, task=task_obj.name, mode=mode, seed=seed, steps=hp["steps"],
-                seconds=round(log["seconds"], 3), losses=log["losses"],
-                n_trainable=sum(v.numel() for v in trainable.values()),
-                lora_config=_jsonable(m.lora_config.to_dict()) if getattr(m, "lora_config", None) else None,
-                torch=torch.__version__, finished=True)
-    atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=1))
-    wait_for_all()
+    with file_lock(ckpt) if _main_rank() else contextlib.nullcontext():  # one writer per checkpoint at a time
+        if resume and (ckpt / "meta.json").exists():
+            try: stored = verify_checkpoint(ckpt)["config"]
+            except CheckpointError as e: warnings.warn(f"finetune: the checkpoint is damaged ({e}); retraining it.")
+            else:
+                if stored == config: return ckpt
+                warnings.warn(f"finetune: {ckpt} holds a run with another configuration "
+                              f"({'; '.join(config_diff(stored, config))}); retraining it with the requested one.")
+        m = prepare(model, mode, tiny=tiny, seed=seed, model_kw=build_kw, device=device, **lora)
+        log = train(m, task_obj, hp, seed=seed, accelerate=accelerate, device=device,
+                    desc=f"{model}/{mode}/{task_obj.name}")
+        if not log["main_process"]: wait_for_all(); return ckpt  # the main process writes the checkpoint
+        trainable = {k: v.detach().cpu() for k, v in m.trainable_state_dict().items()}
+        check_finite(trainable, f"finetune {model}/{mode}/{task_obj.name}")
+        with atomic_dir(ckpt) as tmp:  # the whole folder appears at once, meta.json written last
+            save_tensors(trainable, tmp / "trainable.safetensors", metadata={"model": model, "mode": mode,
+                                                                            "task": task_obj.name})
+            if mode in ("lora", "l_lora"): _write_adapter(m, tmp / "adapter")
+            meta = dict(config=config, model=model, task=task_obj.name, mode=mode, seed=seed, steps=hp["steps"],
+                        seconds=round(log["seconds"], 3), losses=log["losses"],
+                        n_trainable=sum(v.numel() for v in trainable.values()),
+                        lora_config=_jsonable(m.lora_config.to_dict()) if getattr(m, "lora_config", None) else None,
+                        torch=torch.__version__, torch_threads=torch.get_num_threads(), finished=True,
+                        format=CHECKPOINT_FORMAT, files=_manifest(tmp))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    wait_for_all()  # the other processes of a launch return once the checkpoint is written
     return ckpt
+
+def _lora_signature(config:dict|None) -> dict:
+    "The LoRA settings that change the function (`r`, `lora_alpha`, `target_modules`) of a recorded peft config."
+    if not config: return {}
+    tm = config.get("target_modules")
+    if isinstance(tm, str):  # format 1 recorded a set as its repr; peft also takes a regex string
+        with contextlib.suppress(ValueError, SyntaxError): tm = ast.literal_eval(tm)
+    if isinstance(tm, (list, tuple, set)): tm = sorted(tm)
+    return dict(r=config.get("r"), lora_alpha=config.get("lora_alpha"), target_modules=tm)
+
+def check_fits(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`
+               model:TaskModel, # the `prepare`d model it is to be loaded into
+              ):
+    "`CheckpointError` naming every difference (model, mode, seed of A0, LoRA settings, tensors) before anything is copied."
+    meta, cfg = load_meta(ckpt_dir), load_meta(ckpt_dir)["config"]
+    diffs = []
+    def differ(what, a, b):
+        if a != b: diffs.append(f"{what}: checkpoint {a!r}, model {b!r}")
+    differ("model", cfg.get("model"), getattr(model, "name", None))
+    differ("mode", cfg.get("mode"), getattr(model, "llora_mode", None))
+    if cfg.get("mode") == "l_lora": differ("seed", cfg.get("seed"), getattr(model, "llora_seed", None))  # A0 is not saved
+    lora_cfg = getattr(model, "lora_config", None)
+    theirs, ours = _lora_signature(meta.get("lora_config")), _lora_signature(_jsonable(lora_cfg.to_dict()) if lora_cfg else None)
+    for k in theirs.keys() & ours.keys(): differ(k, theirs[k], ours[k])
+    if not diffs:
+        f = Path(ckpt_dir) / "trainable.safetensors"
+        try:
+            with safe_open(str(f), "pt") as st: shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} cannot be read as safetensors ({e}). {_recovery(ckpt_dir)}") from None
+        own = {k: tuple(v.shape) for k, v in theta0(model).items()}
+        diffs += [f"{k}: missing from the checkpoint" for k in own if k not in shapes][:3]
+        diffs += [f"{k}: not a trainable parameter of the model" for k in shapes if k not in own][:3]
+        diffs += [f"{k}: checkpoint shape {shapes[k]}, model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]][:3]
+    if diffs: raise CheckpointError(f"{ckpt_dir} does not fit the model: {'; '.join(diffs)}. Build the model as the "
+                                    f"checkpoint's meta.json records (or call `load_finetuned(ckpt_dir)` without `model`).")
 
 def load_finetuned(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`
                    model:TaskModel|None=None, # a `prepare`d model to load into (default: built from meta.json)
@@ -493,12 +607,9 @@ def load_finetuned(ckpt_dir:str|Path, # a checkpoint folder written by `finetune
     if model is None:
         model = prepare(cfg["model"], cfg["mode"], tiny=cfg["tiny"], seed=cfg["seed"], model_kw=checkpoint_model_kw(cfg),
                         **cfg.get("lora", {}))
+    check_fits(ckpt_dir, model)
     sd = load_trainable(ckpt_dir, device=str(model.device))
     own = dict(model.named_parameters())
-    missing = [k for k in theta0(model) if k not in sd]
-    extra = [k for k in sd if k not in own]
-    if missing or extra: raise ValueError(f"load_finetuned: checkpoint does not match the model (missing {missing[:3]}, "
-                                          f"unexpected {extra[:3]})")
     with torch.no_grad():
         for k, v in sd.items(): own[k].copy_(v)
     return model
