@@ -47,8 +47,7 @@ def rendered_dom(page: Path) -> BeautifulSoup:
 
 
 def reader_text(soup: BeautifulSoup) -> str:
-    "Text a reader sees as prose: without scripts, styles, code and MathJax's typeset output."
-    soup = BeautifulSoup(str(soup), "html.parser")
+    "Text a reader sees as prose: without scripts, styles, code and MathJax's typeset output (removed from `soup`)."
     for el in soup(["script", "style", "pre", "code", "textarea", "noscript"]): el.decompose()
     for el in soup.select('[class^="MathJax"], [class*=" MathJax"], [id^="MathJax"]'): el.decompose()
     return soup.get_text(" ")
@@ -61,17 +60,23 @@ def expected_outputs(nb: nbformat.NotebookNode) -> tuple[int, int]:
     return len(outs), sum(any(t in o.get("data", {}) for t in IMAGE_TYPES) for o in outs)
 
 
+def has_math(nb: nbformat.NotebookNode) -> bool:
+    "Whether the notebook's prose (markdown cells and Markdown outputs such as show_doc's) holds TeX."
+    nb = prepare_notebook(nb)
+    prose = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    prose += [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "text/markdown" in o.get("data", {})]
+    return any(TEX.search(re.sub(r"```.*?```|`[^`\n]*`", "", p, flags=re.S)) for p in prose)
+
+
 def page_problems(page: Path, site: Path, nb: nbformat.NotebookNode | None = None) -> list[str]:
     "Everything wrong with one rendered page (empty when it reads as intended)."
-    static = BeautifulSoup(page.read_text(), "html.parser")
     dom, problems = rendered_dom(page), []
-    text = reader_text(dom)
-    if m := TEX.search(text): problems.append(f"raw TeX left: {text[max(0, m.start() - 40):m.end() + 40]!r}")
-    if TEX.search(reader_text(static)):  # the page has math: MathJax must have typeset it, without errors
+    math = has_math(nb) if nb is not None else bool(TEX.search(reader_text(BeautifulSoup(page.read_text(), "html.parser"))))
+    if math:  # the page has math: MathJax must have typeset it, without errors
         if not dom.select(".MathJax, .MathJax_Display, mjx-container"): problems.append("math not typeset")
         if dom.select(".MathJax_Error, .MathJax .noError, .MathJax merror"): problems.append("MathJax errors")
-    if m := LEAKED.search(text): problems.append(f"leaked markup: {text[max(0, m.start() - 40):m.end() + 40]!r}")
-    if dom.select(STDERR) or "IProgress not found" in text: problems.append("stderr/warning box")
+    if dom.select(STDERR): problems.append("stderr/warning box")
     if nb is not None:
         n_out, n_img = expected_outputs(nb)
         shown = len(dom.select(".jp-OutputArea-output"))
@@ -87,6 +92,10 @@ def page_problems(page: Path, site: Path, nb: nbformat.NotebookNode | None = Non
         if url.scheme or url.netloc or not url.path: continue  # external or same-page anchor
         if not (page.parent/unquote(url.path)).resolve().is_file(): problems.append(f"dead link {a['href']!r}")
     if not dom.select("nav.llora-nav a"): problems.append("no navigation bar")
+    text = reader_text(dom)  # last: it removes code and typeset math from the DOM
+    if m := TEX.search(text): problems.append(f"raw TeX left: {text[max(0, m.start() - 40):m.end() + 40]!r}")
+    if m := LEAKED.search(text): problems.append(f"leaked markup: {text[max(0, m.start() - 40):m.end() + 40]!r}")
+    if "IProgress not found" in text: problems.append("tqdm warning")
     return problems
 
 
@@ -136,6 +145,7 @@ def small_site(tmp_path_factory):
 def test_checks_pass_on_a_good_site(small_site):
     site, notebooks = small_site
     assert site_problems(site, notebooks) == {}
+    assert has_math(notebooks["core.html"]) and not has_math(notebooks["index.html"])
     dom = rendered_dom(site/"core.html")
     assert len(dom.select(".MathJax_Display")) == 1 and len(dom.select("script[type^='math/tex']")) >= 3
     assert dom.select_one("a[target=_blank]").get_text() == "source"
