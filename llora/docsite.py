@@ -4,10 +4,11 @@
 
 # %% ../nbs/99_docsite.ipynb #8c28af47
 from __future__ import annotations
-import html, json, re
+import html, importlib.util, json, os, re, shutil, time
 from pathlib import Path
 
-import nbformat
+import jinja2, nbformat, yaml
+from fastcore.parallel import parallel
 from fastcore.script import call_parse
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import TagRemovePreprocessor
@@ -15,7 +16,8 @@ from nbconvert.preprocessors import TagRemovePreprocessor
 from .core import atomic_write_text
 
 # %% auto #0
-__all__ = ['proc_notebooks', 'front_matter', 'prepare_notebook', 'render_site', 'llora_docs']
+__all__ = ['MATHJAX_CONFIG', 'proc_notebooks', 'is_library_notebook', 'run_notebook', 'run_library_notebooks', 'front_matter',
+           'quarto_links', 'prepare_notebook', 'vendor_mathjax', 'render_site', 'llora_docs']
 
 # %% ../nbs/99_docsite.ipynb #9c763eb1
 def proc_notebooks(n_workers:int=1, # processes used by nbdev's `proc_nbs`
@@ -32,70 +34,182 @@ def proc_notebooks(n_workers:int=1, # processes used by nbdev's `proc_nbs`
     proc_nbs(cfg.nbs_path, n_workers=n_workers)
     return cfg.config_path/"_proc"
 
+# %% ../nbs/99_docsite.ipynb #4b7d2e90
+def is_library_notebook(nb:nbformat.NotebookNode, # a source notebook
+                       ) -> bool:
+    "Whether the notebook exports a module (`#| default_exp`): those are run for the docs."
+    return any(c.cell_type == "code" and re.search(r"^\s*#\|\s*default_exp\b", c.source, re.M) for c in nb.cells)
+
+def run_notebook(path:str|Path, # a source notebook
+                 skip_flags:tuple=("notest", "slow"), # directives of cells not run (as `nbdev_test`'s `tst_flags`)
+                ) -> dict:
+    "Run the notebook in-process as `nbdev_test` does (`IN_TEST=1`); return `{cell id: outputs}` of the cells that printed or showed something."
+    from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    path = Path(path).resolve()
+    nb = NBProcessor(path, procs=FrontmatterProc, process=True).nb
+    def skip(cell):
+        if cell.cell_type != "code" or "nbdev_export" "(" in cell.source: return True
+        direc = getattr(cell, "directives_", {}) or {}
+        return direc.get("eval:", [""])[0].lower() == "false" or bool(set(skip_flags) & direc.keys())
+    saved = {k: os.environ.get(k) for k in ("IN_TEST", "LLORA_PROGRESS")}
+    os.environ.update(IN_TEST="1", LLORA_PROGRESS="0")
+    shell = CaptureShell(path)
+    try:
+        with working_directory(path.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
+    except Exception as e:
+        failed = next((c for c in nb.cells if getattr(c, "outputs", None) and
+                       any(o.get("output_type") == "error" for o in c.outputs)), None)
+        where = f" in cell {failed.get('id')}:\n{failed.source[:300]}" if failed is not None else ""
+        raise RuntimeError(f"Running {path.name} for the docs failed{where}\n{type(e).__name__}: {e}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    return {c["id"]: json.loads(json.dumps(c["outputs"])) for c in nb.cells
+            if c.cell_type == "code" and c.get("outputs") and c.get("id")}
+
+# %% ../nbs/99_docsite.ipynb #7c93a8d4
+def _run_source(src:Path): return src.stem, run_notebook(src)
+
+def run_library_notebooks(nbs_path:str|Path, # source notebooks (`nbs/`)
+                          proc:str|Path, # their processed copies (`_proc/`), which receive the outputs
+                          n_workers:int=2, # processes running notebooks (0: in this process)
+                         ) -> dict:
+    "Run every library notebook of `nbs_path` and write the outputs into its processed copy; return seconds per notebook."
+    nbs_path, proc = Path(nbs_path), Path(proc)
+    srcs = [p for p in sorted(nbs_path.glob("*.ipynb"))
+            if (proc/p.name).exists() and is_library_notebook(nbformat.read(p, as_version=4))]
+    times, start = {}, time.time()
+    for stem, outputs in parallel(_run_source, srcs, n_workers=n_workers, threadpool=False, progress=False):
+        target = proc/f"{stem}.ipynb"
+        nb = nbformat.read(target, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and not cell.get("outputs") and cell.get("id") in outputs:
+                cell.outputs = [nbformat.from_dict(o) for o in outputs[cell.id]]
+        atomic_write_text(target, nbformat.writes(nb))
+        times[stem] = round(time.time() - start, 1)
+    return times
+
 # %% ../nbs/99_docsite.ipynb #2e91aa48
 _FRONT = re.compile(r"^---\s*\n(.*?)\n---", re.S)
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+):?\s*(.*)$")
+_ATTR_LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s]+)\)\{([^}\n]*)\}")
+_ATTR = re.compile(r'([\w-]+)="([^"]*)"')
 
 def front_matter(nb:nbformat.NotebookNode, # a processed notebook
                 ) -> dict:
-    "Key/value pairs of the notebook's Quarto front matter (empty if none)."
+    "The notebook's Quarto front matter as strings (YAML quotes removed; empty if none)."
     for cell in nb.cells:
-        if cell.cell_type == "raw":
-            m = _FRONT.match(cell.source.strip())
-            if m:
-                pairs = (line.split(":", 1) for line in m.group(1).splitlines() if ":" in line)
-                return {k.strip(): v.strip() for k, v in pairs}
+        if cell.cell_type == "raw" and (m := _FRONT.match(cell.source.strip())):
+            meta = yaml.safe_load(m.group(1))
+            return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
     return {}
+
+def quarto_links(md:str, # Markdown that may hold Quarto attributed links
+                ) -> str:
+    "Replace Quarto's `[text](url){key=\"value\" ...}` by an HTML anchor carrying those attributes."
+    def anchor(m):
+        attrs = "".join(f' {k}="{html.escape(v)}"' for k, v in _ATTR.findall(m.group(3)))
+        return f'<a href="{html.escape(m.group(2))}"{attrs}>{html.escape(m.group(1))}</a>'
+    return _ATTR_LINK.sub(anchor, md)
 
 def _directives(source:str) -> dict:
     return {m.group(1): m.group(2) for line in source.splitlines() if (m := _DIRECTIVE.match(line))}
 
+def _page_output(out:dict) -> dict|None:
+    if out.get("output_type") == "stream" and out.get("name") == "stderr": return None
+    if "text/markdown" in out.get("data", {}):
+        out = nbformat.from_dict({**out, "data": {**out["data"], "text/markdown": quarto_links(out["data"]["text/markdown"])}})
+    return out
+
 def prepare_notebook(nb:nbformat.NotebookNode, # a processed notebook
                     ) -> nbformat.NotebookNode:
-    "Drop front matter and non-standard cell keys; hide inputs of `echo: false` cells and strip `#|` directives."
+    "The notebook as its page shows it: no front matter, nbdev keys, `#|` directives, Quarto links or stderr logs."
     cells = []
     for cell in nb.cells:
         if cell.cell_type == "raw" and _FRONT.match(cell.source.strip()): continue
         cell = nbformat.from_dict({k: v for k, v in cell.items() if k in ("cell_type", "id", "metadata", "source",
                                                                             "outputs", "execution_count", "attachments")})
+        if cell.cell_type == "markdown": cell.source = quarto_links(cell.source)
         if cell.cell_type == "code":
             if _directives(cell.source).get("echo") == "false":
                 cell.metadata["tags"] = [*cell.metadata.get("tags", []), "remove_input"]
             cell.source = "\n".join(l for l in cell.source.splitlines() if not _DIRECTIVE.match(l)).strip()
+            cell.outputs = [o for o in map(_page_output, cell.outputs) if o is not None]
         cells.append(cell)
     nb = nbformat.from_dict({**nb, "cells": cells})
     nbformat.validate(nb)
     return nb
 
 # %% ../nbs/99_docsite.ipynb #8cd4ba5e
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe" # the MathJax configuration shipped by jupyter-server-mathjax
+
+def vendor_mathjax(out:str|Path, # the site folder
+                  ) -> str:
+    "Copy MathJax into `out/_static/mathjax/`; return the URL of its script relative to the pages."
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("The docs typeset math with MathJax from the PyPI package jupyter-server-mathjax, "
+                                  "which is not installed: `pip install -e '.[dev]'` (or `pip install jupyter-server-mathjax`)")
+    src, dest = Path(spec.origin).parent/"static", Path(out)/"_static"/"mathjax"
+    tmp = dest.with_name(".mathjax.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if Path(d).name == "localization" and n != "en"])
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return f"_static/mathjax/MathJax.js?config={MATHJAX_CONFIG}"
+
+# nbconvert's lab template without the scripts that only load from a CDN: require.js (for widgets, which the pages
+# have none of) and mermaid (no diagrams)
+_PAGE_TEMPLATE = "llora_page.html.j2"
+_PAGE_TEMPLATE_SRC = ("{%- extends 'index.html.j2' -%}{%- block html_head_js_requirejs -%}{%- endblock -%}"
+                      "{%- block html_head_js_mermaidjs -%}{%- endblock -%}")
+
 def _page_name(nb_path:Path, meta:dict) -> str:
     return meta.get("output-file") or nb_path.with_suffix(".html").name
+
+_STYLE = ('<style>.llora-nav{position:sticky;top:0;z-index:10;background:#2c3e50;padding:.5em 1em;}'
+          '.llora-nav a{color:#fff;margin-right:1em;text-decoration:none;font-family:sans-serif;}'
+          '.llora-nav a.current{font-weight:bold;text-decoration:underline;}'
+          '.llora-title{max-width:1000px;margin:1em auto 0;padding:0 1em;font-family:sans-serif;}'
+          '.llora-description{font-size:1.1em;color:#555;}</style>')
+
+def _title_html(meta:dict) -> str:
+    "The page's title and description from the front matter, as Quarto shows them above the notebook."
+    if "title" not in meta: return ""
+    desc = f'<p class="llora-description">{html.escape(meta["description"])}</p>' if meta.get("description") else ""
+    return f'<header class="llora-title"><h1>{html.escape(meta["title"])}</h1>{desc}</header>'
 
 def _nav_html(pages:list, current:str) -> str:
     links = " ".join(f'<a href="{href}"{" class=current" if href == current else ""}>{html.escape(title)}</a>'
                      for title, href in pages)
-    return (f'<nav class="llora-nav">{links}</nav>'
-            '<style>.llora-nav{position:sticky;top:0;z-index:10;background:#2c3e50;padding:.5em 1em;}'
-            '.llora-nav a{color:#fff;margin-right:1em;text-decoration:none;font-family:sans-serif;}'
-            '.llora-nav a.current{font-weight:bold;text-decoration:underline;}</style>')
+    return f'<nav class="llora-nav">{links}</nav>{_STYLE}'
 
 def render_site(proc:str|Path="_proc", # folder of nbdev-processed notebooks
                 out:str|Path="_site", # folder receiving the HTML pages
+                site_url:str|None=None, # the published site's address: nbdev's links into it become relative
                ) -> list[Path]:
-    "Render every notebook in `proc` to an HTML page in `out`, with a navigation bar; return the pages written."
+    "Render every notebook in `proc` to an HTML page in `out`, with a navigation bar and offline MathJax; return the pages written."
     proc, out = Path(proc), Path(out)
     nbs = sorted(p for p in proc.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     if not nbs: raise FileNotFoundError(f"No processed notebooks in {proc}: run the docs processing first")
     loaded = [(p, nbformat.read(p, as_version=4)) for p in nbs]
     pages = [(front_matter(nb).get("title", p.stem), _page_name(p, front_matter(nb))) for p, nb in loaded]
-    exporter = HTMLExporter(template_name="lab")
+    exporter = HTMLExporter(template_name="lab", template_file=_PAGE_TEMPLATE, mathjax_url=vendor_mathjax(out),
+                            exclude_input_prompt=True, exclude_output_prompt=True,
+                            extra_loaders=[jinja2.DictLoader({_PAGE_TEMPLATE: _PAGE_TEMPLATE_SRC})])
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove_input"}, enabled=True), True)
     written = []
     for (p, nb), (title, href) in zip(loaded, pages):
         try: body, _ = exporter.from_notebook_node(prepare_notebook(nb), resources={"metadata": {"name": title}})
         except Exception as e: raise RuntimeError(f"Rendering {p} failed: {e}") from e
         body = body.replace("<body", "<body data-llora-page", 1)
-        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav_html(pages, href), body, count=1)
+        if site_url: body = body.replace(f'href="{site_url.rstrip("/")}/', 'href="')
+        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav_html(pages, href) + _title_html(front_matter(nb)),
+                      body, count=1)
         written.append(atomic_write_text(out/href, body))
     return written
 
@@ -103,8 +217,15 @@ def render_site(proc:str|Path="_proc", # folder of nbdev-processed notebooks
 @call_parse
 def llora_docs(out:str="_site", # folder receiving the HTML pages
                skip_proc:bool=False, # reuse an existing `_proc/` instead of processing `nbs/` again
+               skip_run:bool=False, # do not run the library notebooks (pages show committed outputs only)
+               n_workers:int=2, # processes running the library notebooks
               ):
-    "Process the notebooks with nbdev and render them offline to HTML in `out`."
+    "Process the notebooks with nbdev, run the library notebooks and render them offline to HTML in `out`."
+    from nbdev.config import get_config
+    cfg, start = get_config(), time.time()
     proc = Path("_proc") if skip_proc else proc_notebooks()
-    pages = render_site(proc, out)
-    print(f"Rendered {len(pages)} pages into {out}/")
+    if not skip_run:
+        times = run_library_notebooks(cfg.nbs_path, proc, n_workers=n_workers)
+        print(f"Ran {len(times)} library notebooks for the docs in {time.time() - start:.0f} s")
+    pages = render_site(proc, out, site_url=cfg.doc_host + cfg.doc_baseurl)
+    print(f"Rendered {len(pages)} pages into {out}/ in {time.time() - start:.0f} s")
