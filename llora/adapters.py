@@ -39,17 +39,17 @@ def is_linear(method:str, # a name in `METHODS`
               **hparams, # the method's hyperparameters
              ) -> bool:
     "Whether `fuse(method, n task vectors, **hparams)` is a fixed linear combination Σ c_i τ_i (checked on probes)."
-    size = 64
+    shape = (8, 8)  # matrices: per-matrix methods (TSV-M, Iso-C) are linear on vectors but not on matrices
     def merged(rows): return fuse(method, [TaskVector({"p": x}) for x in rows], **hparams)["p"]
     coef = []
     for i in range(n):
-        out = merged(torch.eye(n, dtype=torch.float64)[i].unsqueeze(1).expand(n, size).contiguous())
-        if not torch.allclose(out, out[:1].expand(size)): return False
-        coef.append(float(out[0]))
+        out = merged(torch.eye(n, dtype=torch.float64)[i].reshape(n, 1, 1).expand(n, *shape).contiguous())
+        if not torch.allclose(out, out.flatten()[:1].expand(shape)): return False
+        coef.append(float(out.flatten()[0]))
     g = torch.Generator().manual_seed(0)
-    c = torch.tensor(coef, dtype=torch.float64).unsqueeze(1)
+    c = torch.tensor(coef, dtype=torch.float64).reshape(n, 1, 1)
     for _ in range(2):
-        X = torch.randn(n, size, generator=g, dtype=torch.float64)
+        X = torch.randn(n, *shape, generator=g, dtype=torch.float64)
         if not torch.allclose(merged(X), (c * X).sum(0), rtol=1e-9, atol=1e-12): return False
     return True
 
