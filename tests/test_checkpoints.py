@@ -21,7 +21,9 @@ TOY = Task("toy-sentiment", classes=["negative", "positive"],
            label_descriptions=["a negative movie review", "a positive movie review"],
            loader=lambda task, split: list(EXAMPLES))
 TINY = dict(preset="tiny", steps=2, tiny=True, lr=1e-2)
-FORK = mp.get_context("fork")
+FORK = mp.get_context("fork")  # for children that run no torch code
+# children that train or save: a forked child of a process whose OpenMP pool has run can hang, so they start fresh
+SPAWN = mp.get_context("spawn")
 
 
 def run(out, mode="lora", **kw): return finetune("minilm-l6", TOY, mode, out_dir=out, **{**TINY, **kw})
@@ -177,10 +179,10 @@ def _save_many(folder, n, barrier):
 def test_concurrent_adapter_saves(tmp_path):
     old = os.umask(0o022)
     try:
-        barrier = FORK.Barrier(4)
-        ps = [FORK.Process(target=_save_many, args=(tmp_path / "adapter", 40, barrier)) for _ in range(4)]
+        barrier = SPAWN.Barrier(4)
+        ps = [SPAWN.Process(target=_save_many, args=(tmp_path / "adapter", 40, barrier)) for _ in range(4)]
         for p in ps: p.start()
-        for p in ps: p.join(60)
+        for p in ps: p.join(300)
     finally: os.umask(old)
     assert [p.exitcode for p in ps] == [0] * 4                             # no 'Directory not empty', no ENOENT
     a = tmp_path / "adapter"
@@ -200,11 +202,11 @@ def _finetune_into(out, barrier, q):
 
 
 def test_concurrent_finetune_of_one_configuration(tmp_path):
-    barrier, q = FORK.Barrier(4), FORK.Queue()
-    ps = [FORK.Process(target=_finetune_into, args=(tmp_path, barrier, q)) for _ in range(4)]
+    barrier, q = SPAWN.Barrier(4), SPAWN.Queue()
+    ps = [SPAWN.Process(target=_finetune_into, args=(tmp_path, barrier, q)) for _ in range(4)]
     for p in ps: p.start()
-    got = [q.get(timeout=120) for _ in ps]
-    for p in ps: p.join(30)
+    got = [q.get(timeout=300) for _ in ps]
+    for p in ps: p.join(60)
     assert all(s == "ok" for s, _ in got), got
     assert len({c for _, c in got}) == 1                                   # every caller gets the one checkpoint
     ck = Path(got[0][1])
@@ -245,7 +247,7 @@ def _killed_while_writing(out):
 
 def test_sigkill_mid_write_keeps_the_complete_checkpoint(tmp_path):
     ck = run(tmp_path); good = trained(ck)
-    p = FORK.Process(target=_killed_while_writing, args=(tmp_path,)); p.start(); p.join(60)
+    p = SPAWN.Process(target=_killed_while_writing, args=(tmp_path,)); p.start(); p.join(300)
     assert p.exitcode == -signal.SIGKILL
     verify_checkpoint(ck)                                                  # the previous run, whole
     assert tensors_equal(load_trainable(ck), good)
@@ -256,7 +258,7 @@ def test_sigkill_mid_write_keeps_the_complete_checkpoint(tmp_path):
 
 
 def test_sigkill_during_the_first_write_retrains(tmp_path):
-    p = FORK.Process(target=_killed_while_writing, args=(tmp_path,)); p.start(); p.join(60)
+    p = SPAWN.Process(target=_killed_while_writing, args=(tmp_path,)); p.start(); p.join(300)
     assert p.exitcode == -signal.SIGKILL
     ck = lt.checkpoint_dir(tmp_path, "minilm-l6", "lora", TOY.name, tiny=True)
     assert not ck.exists()                                                 # never a half checkpoint at the final path
