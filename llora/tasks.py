@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, is_offline
+from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, file_sha256, is_offline
 
 # %% auto #0
 __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS_TOPICS', 'NEWSGROUPS_COARSE', 'HEALTH_OUTLETS',
@@ -19,15 +19,14 @@ __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS
            'EUROSAT_CLASSES', 'GTSRB_CLASSES', 'RESISC45_CLASSES', 'VISION_TASKS', 'GLUE_TSV_DIRS', 'VISION_DIRS',
            'CLASS_ALIASES', 'GLUE_TSV_COLUMNS', 'TORCHVISION_LAYOUTS', 'SOURCE_KINDS', 'SPLIT_NOTE', 'GLUE_TASKS',
            'GLUE_HUB', 'Task', 'score', 'register_task', 'get_task', 'list_tasks', 'Archive', 'DataFetchError',
-           'sha256_file', 'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text',
-           'read_orange_tab', 'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters',
-           'rows_newsgroups', 'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets',
-           'build_embedded_splits', 'embedded_data', 'load_embedded', 'register_embedded', 'task_table',
-           'DataNotFoundError', 'data_root', 'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache',
-           'find_save_to_disk', 'find_parquet', 'find_csv', 'read_glue_tsv', 'find_glue_tsv', 'find_image_folder',
-           'find_class_folders', 'MatImages', 'find_torchvision', 'SourceKind', 'task_sources', 'find_copy',
-           'label_mapper', 'ExampleView', 'paper_example', 'prompted_example', 'load_paper_task', 'example_labels',
-           'sample_examples']
+           'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text', 'read_orange_tab',
+           'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters', 'rows_newsgroups',
+           'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets', 'build_embedded_splits',
+           'embedded_data', 'load_embedded', 'register_embedded', 'task_table', 'DataNotFoundError', 'data_root',
+           'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache', 'find_save_to_disk', 'find_parquet', 'find_csv',
+           'read_glue_tsv', 'find_glue_tsv', 'find_image_folder', 'find_class_folders', 'MatImages', 'find_torchvision',
+           'SourceKind', 'task_sources', 'find_copy', 'label_mapper', 'ExampleView', 'paper_example',
+           'prompted_example', 'load_paper_task', 'example_labels', 'sample_examples']
 
 # %% ../nbs/06_tasks.ipynb #b588799d
 KINDS = ("classification", "text2text", "regression")
@@ -204,19 +203,12 @@ ARCHIVES = {
 class DataFetchError(RuntimeError):
     "A data archive could not be downloaded."
 
-def sha256_file(path:str|Path) -> str:
-    "The hex sha256 of a file."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
 def verify_sha256(path:str|Path, # the file to check
                   expected:str, # the pinned hex digest
                   what:str="", # what the file is, for the error message
                  ) -> Path:
     "Return `path` if its sha256 is `expected`, else raise `ValueError`."
-    got = sha256_file(path)
+    got = file_sha256(path)
     if got != expected:
         raise ValueError(f"sha256 mismatch for {what or path}: expected {expected}, got {got} ({path}). This is not "
                          f"the pinned release; delete the file and fetch it again.")
