@@ -57,16 +57,19 @@ def checkpoint_stamps(ckpt):
     return {p.parent: p.stat().st_mtime_ns for p in Path(ckpt).rglob("trainable.safetensors")}
 
 
-CASES = {  # model -> (pretrained parameter or None for the registry's hub id, data_root or None, modes)
-    "clip-vit-b-16-hf": (None, "data", "full,lora,l_lora"),  # hub id, read from the hub cache
-    "clip-vit-b-16-openclip": ("hf-hub", None, "lora,l_lora"),  # hf-hub:<repo> from the cache; data: `datasets` cache
-    "flan-t5-base": ("local", "data", "lora,l_lora"),  # a save_pretrained folder
+CASES = {  # id -> (model, pretrained: None = the registry's hub id read from the hub cache, data_root or None, modes)
+    "clip-hf-hub": ("clip-vit-b-16-hf", None, "data", "full,lora,l_lora"),
+    "clip-hf-local": ("clip-vit-b-16-hf", "local", None, "lora,l_lora"),  # data: the default `datasets` cache
+    "openclip-hf-hub": ("clip-vit-b-16-openclip", "hf-hub", None, "lora,l_lora"),  # hf-hub:<repo> from the cache
+    "openclip-local": ("clip-vit-b-16-openclip", "local", "data", "lora,l_lora"),  # a folder laid out as its hub repo
+    "flan-t5-hub": ("flan-t5-base", None, "data", "lora,l_lora"),
+    "flan-t5-local": ("flan-t5-base", "local", "data", "lora,l_lora"),  # a save_pretrained folder
 }
 
 
-@pytest.mark.parametrize("model", list(CASES))
-def test_paper_profile_offline(world, model, tmp_path):
-    pretrained, data_root, modes = CASES[model]
+@pytest.mark.parametrize("case", list(CASES))
+def test_paper_profile_offline(world, case, tmp_path):
+    model, pretrained, data_root, modes = CASES[case]
     params = ["-p", "model", model, "-p", "modes", modes, *TINY]
     if pretrained == "local": params += ["-r", "pretrained", str(world["local"][model])]
     if pretrained == "hf-hub": params += ["-r", "pretrained", world["hub_ids"][model]]
