@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_adapters.ipynb #3198d07b
 from __future__ import annotations
-import argparse, ast, contextlib, hashlib, inspect, json, math, os, re, shutil, tempfile, time
+import argparse, ast, contextlib, inspect, json, math, os, re, shutil, tempfile, time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .core import (OfflineError, atomic_write_text, check_finite, hub_cache_dir, is_offline, load_tensors, progress,
-                        save_tensors)
+from .core import (OfflineError, atomic_write_text, check_finite, file_sha256, hub_cache_dir, is_offline, load_tensors,
+                        progress, save_tensors)
 from .fusion import METHODS, fuse
 from .task_vectors import TaskVector
 
@@ -278,16 +278,10 @@ def _adapter_config(ref:LoraAdapter, ranks:dict):
                       task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")), lora_dropout=0.0,
                       bias="none")
 
-def _sha256(path:Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
 def _input_record(a:LoraAdapter) -> dict:
     w = a.path/ADAPTER_WEIGHTS if (a.path/ADAPTER_WEIGHTS).exists() else a.path/ADAPTER_BIN
     c = a.config
-    return dict(source=a.source, path=str(a.path.resolve()), weights_sha256=_sha256(w),
+    return dict(source=a.source, path=str(a.path.resolve()), weights_sha256=file_sha256(w),
                 base_model=c.get("base_model_name_or_path"), r=c.get("r"), lora_alpha=c.get("lora_alpha"),
                 use_rslora=bool(c.get("use_rslora")), rank_pattern=c.get("rank_pattern") or {},
                 alpha_pattern=c.get("alpha_pattern") or {})
