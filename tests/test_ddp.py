@@ -47,8 +47,9 @@ WORKER = COMMON + textwrap.dedent('''
         sd, sizes, log = trained(mode, int(sys.argv[2]), int(sys.argv[3]))
         if rank == 0: save_tensors(sd, out / f"{mode}.safetensors")
         ck = finetune("minilm-l6", TOY, mode, preset="tiny", steps=2, tiny=True, out_dir=out / "runs", device="cpu")
-        print("RESULT " + json.dumps(dict(rank=rank, mode=mode, sizes=sizes, losses=log["losses"], ckpt=str(ck),
-                                          finished=(ck / "meta.json").exists())), flush=True)
+        # one file per rank and mode: two ranks printing at once can interleave their lines on the shared stdout
+        (out / f"result-{mode}-{rank}.json").write_text(json.dumps(dict(
+            rank=rank, mode=mode, sizes=sizes, losses=log["losses"], ckpt=str(ck), finished=(ck / "meta.json").exists())))
 ''')
 
 
@@ -68,7 +69,7 @@ def ddp_run(tmp_path_factory):
     p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(out), str(STEPS), str(BATCH)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    results = [json.loads(l.split("RESULT ", 1)[1]) for l in p.stdout.splitlines() if "RESULT " in l]
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("result-*.json"))]
     return out, results
 
 
