@@ -13,66 +13,47 @@ import torch
 from torch import nn
 
 from .core import progress
-from .models import TaskModel, example_target
+from .data import references, split_inputs
+from .models import TaskModel
 from .task_vectors import TaskVector
 from .tasks import score as task_score
 from .train import (MODES, amp_dtype, autocast, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta,
                          load_trainable, prepare, resolve_device, resolve_task, theta0)
 
 # %% auto #0
-__all__ = ['EVAL_CACHE_BYTES', 'references', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'precision_agreement',
-           'applied', 'merged_model', 'task_vectors']
+__all__ = ['EVAL_CACHE_BYTES', 'metric_score', 'eval_batches', 'predictions', 'evaluate', 'precision_agreement', 'applied',
+           'merged_model', 'task_vectors']
 
 # %% ../nbs/09_evaluate.ipynb #22dbc106
-def references(task, # a task
-               examples:list, # its examples
-              ) -> list:
-    "What predictions are scored against: labels (classification, regression) or target strings (text2text)."
-    kind = getattr(task, "kind", "classification")
-    if kind == "text2text": return [example_target(task, e) for e in examples]
-    if kind == "regression": return [float(e["label"]) for e in examples]
-    return [int(e["label"]) for e in examples]
-
 def metric_score(task, # a task (its `metric`: accuracy, exact_match or spearman)
                  predictions:list, references:list) -> float:
     "The task's metric (`llora.tasks.score`; spearman parses text answers, unparsable = 0 as the authors did)."
     return task_score(getattr(task, "metric", "accuracy"), predictions, references)
 
 # %% ../nbs/09_evaluate.ipynb #7d0c7d2c
-from .tasks import sample_examples
-
-EVAL_CACHE_BYTES = 1 << 30  # cache ready batches of a (task, split) only up to this size
+EVAL_CACHE_BYTES = 1 << 30  # keep ready batches of a (task, split) in memory only up to this size
 
 def _nbytes(batch:dict) -> int:
     return sum(v.element_size() * v.nelement() for v in batch.values() if torch.is_tensor(v))
 
-def _load_examples(task, split:str, max_examples:int|None, seed:int=0) -> list:
-    "All examples of `split`, or a seeded class-stratified sample of `max_examples` of them (`llora.tasks.sample_examples`)."
-    return list(sample_examples(task, task.load(split), max_examples, seed=seed))
-
 class _Batches:
     "The examples of one (task, split) as model-ready batches, length-sorted; `order[i]` = original index of row i."
     def __init__(self, model:TaskModel, task, split:str, batch_size:int, max_examples:int|None):
-        self.examples = _load_examples(task, split, max_examples)
-        if not self.examples: raise ValueError(f"Task {task.name!r} has no {split!r} examples")
-        self.refs = references(task, self.examples)
-        self.model, self.task, self.bs = model, task, batch_size
-        n = len(self.examples)
-        first = model.preprocess(task, self.examples[:batch_size])
+        self.store = split_inputs(model, task, split, max_examples)  # encoded once, then read from the input cache
+        self.refs, self.model, self.task, self.bs = self.store.refs, model, task, batch_size
+        n, lengths = len(self.store), self.store.lengths()
         self.order = list(range(n))
-        mask = first.get("attention_mask")
-        if torch.is_tensor(mask) and mask.dim() == 2 and n > batch_size:
-            chunks = [first] + [model.preprocess(task, self.examples[i:i + batch_size]) for i in range(batch_size, n, batch_size)]
-            lengths = torch.cat([c["attention_mask"].sum(1) for c in chunks])
-            self.order = torch.argsort(lengths, descending=True, stable=True).tolist()
-            first = None
+        if lengths is not None and n > batch_size:
+            self.order = torch.argsort(torch.tensor(lengths), descending=True, stable=True).tolist()
         self.cached = None
-        est = _nbytes(first if first is not None else model.preprocess(task, self.examples[:batch_size])) * math.ceil(n / batch_size)
-        if est <= EVAL_CACHE_BYTES: self.cached = list(self._make())
+        first = model.collate(task, [self.store[j] for j in self.order[:batch_size]])
+        if _nbytes(first) * math.ceil(n / batch_size) <= EVAL_CACHE_BYTES: self.cached = list(self._make())
 
     def _make(self):
+        pin = self.model.device.type == "cuda"  # pinned batches: the copy to the GPU overlaps the previous batch
         for i in range(0, len(self.order), self.bs):
-            yield self.model.preprocess(self.task, [self.examples[j] for j in self.order[i:i + self.bs]])
+            b = self.model.collate(self.task, [self.store[j] for j in self.order[i:i + self.bs]])
+            yield {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in b.items()} if pin else b
 
     def __iter__(self): return iter(self.cached) if self.cached is not None else self._make()
     def __len__(self): return math.ceil(len(self.order) / self.bs)

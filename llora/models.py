@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_models.ipynb #8eabe9be
 from __future__ import annotations
-import contextlib, copy, itertools, logging, math, numbers, os, re, warnings
+import contextlib, copy, functools, itertools, logging, math, numbers, os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,14 +17,16 @@ from .core import OfflineError, hub_cache_dir, is_offline
 from .tasks import PAPER_TEMPLATE
 
 # %% auto #0
-__all__ = ['MODELS', 'HF_WEIGHTS', 'OPENCLIP_WEIGHTS', 'MODEL_FILES', 'HF_HUB_PREFIX', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD',
-           'TINY_OPENCLIP', 'TINY_OPENCLIP_CFG', 'HF_CLIP_TINY', 'HF_CLIP_B16', 'FLAN_T5_BASE', 'T5_TINY', 'ModelSpec',
-           'register_model', 'get_model', 'fill_template', 'class_texts', 'example_text', 'example_target',
-           'as_examples', 'TaskModel', 'ZeroShotClassifier', 'folder_contents', 'locate_files', 'source_kind',
-           'check_folder', 'random_weights', 'hub_local_only', 'check_hub_cache', 'hub_files', 'load_hf', 'minilm_path',
-           'SentenceEncoderModel', 'build_minilm', 'SplitMultiheadAttention', 'split_attention', 'fuse_attention',
-           'to_pil', 'clip_transform', 'CLIPClassifier', 'OpenCLIPClassifier', 'check_checkpoint', 'openclip_model',
-           'build_openclip', 'HFCLIPClassifier', 'build_hf_clip', 'Seq2SeqModel', 'untie_lm_head', 'build_flan_t5']
+__all__ = ['MODELS', 'PROBE_TEXT', 'HF_WEIGHTS', 'OPENCLIP_WEIGHTS', 'MODEL_FILES', 'HF_HUB_PREFIX', 'OPENAI_CLIP_MEAN',
+           'OPENAI_CLIP_STD', 'TINY_OPENCLIP', 'TINY_OPENCLIP_CFG', 'HF_CLIP_TINY', 'HF_CLIP_B16', 'FLAN_T5_BASE',
+           'T5_TINY', 'ModelSpec', 'register_model', 'get_model', 'fill_template', 'class_texts', 'example_text',
+           'example_target', 'as_examples', 'example_label', 'pad_stack', 'tokenizer_signature', 'TaskModel',
+           'ZeroShotClassifier', 'folder_contents', 'locate_files', 'source_kind', 'check_folder', 'random_weights',
+           'hub_local_only', 'check_hub_cache', 'hub_files', 'load_hf', 'minilm_path', 'SentenceEncoderModel',
+           'build_minilm', 'SplitMultiheadAttention', 'split_attention', 'fuse_attention', 'to_pil', 'clip_pixels',
+           'clip_normalize', 'clip_transform', 'CLIPClassifier', 'OpenCLIPClassifier', 'check_checkpoint',
+           'openclip_model', 'build_openclip', 'HFCLIPClassifier', 'build_hf_clip', 'Seq2SeqModel', 'untie_lm_head',
+           'build_flan_t5']
 
 # %% ../nbs/07_models.ipynb #72770151
 @dataclass
@@ -108,14 +110,37 @@ def as_examples(examples) -> list[dict]:
         return [dict(zip(cols, vals)) for vals in zip(*(examples[c] for c in cols))]
     return list(examples)
 
-def _labels(examples:list[dict]) -> dict:
-    "`{'label': tensor}` when every example has a numeric label, else `{}`."
-    if not examples or any("label" not in e or e["label"] is None for e in examples): return {}
-    vals = [e["label"] for e in examples]
-    if all(isinstance(v, numbers.Integral) or (torch.is_tensor(v) and not v.is_floating_point()) for v in vals):
-        return {"label": torch.tensor([int(v) for v in vals], dtype=torch.long)}
-    try: return {"label": torch.tensor([float(v) for v in vals], dtype=torch.float32)}
+def example_label(example:dict) -> dict:
+    "`{'label': 0-d tensor}` for a numeric label (int64 for integers, float32 otherwise), else `{}`."
+    v = example.get("label")
+    if v is None: return {}
+    if isinstance(v, numbers.Integral) or (torch.is_tensor(v) and not v.is_floating_point()):
+        return {"label": torch.tensor(int(v), dtype=torch.long)}
+    try: return {"label": torch.tensor(float(v), dtype=torch.float32)}
     except (TypeError, ValueError): return {}
+
+def pad_stack(items:list[dict], # per-example tensors (`TaskModel.example_inputs`)
+              pad_values:dict|None=None, # padding value per key (default 0)
+             ) -> dict:
+    "A batch: each key that every item has, stacked; tensors of different lengths right-padded along dim 0 first."
+    if not items: return {}
+    out = {}
+    for k in [k for k in items[0] if all(k in it for it in items)]:
+        vs = [it[k] for it in items]
+        dt = functools.reduce(torch.promote_types, [v.dtype for v in vs])  # int and float labels: float, as one batch
+        vs = [v.to(dt) for v in vs]
+        if all(v.shape == vs[0].shape for v in vs): out[k] = torch.stack(vs)
+        else: out[k] = nn.utils.rnn.pad_sequence(vs, batch_first=True, padding_value=(pad_values or {}).get(k, 0))
+    return out
+
+PROBE_TEXT = "llora probe: Ünïcode, digits 0123, punctuation?!"
+
+def tokenizer_signature(tokenizer, # a transformers tokenizer
+                        **settings, # what else fixes the ids, e.g. `max_length`
+                       ) -> dict:
+    "What fixes a tokenizer's ids: its class, source, vocabulary size, the ids of `PROBE_TEXT`, and `settings`."
+    return {"tokenizer": type(tokenizer).__name__, "source": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab": len(tokenizer), "probe": list(tokenizer(PROBE_TEXT)["input_ids"]), **settings}
 
 # %% ../nbs/07_models.ipynb #f769d7a1
 def _seeded(seed:int|None):
@@ -216,6 +241,27 @@ class TaskModel(nn.Module):
         "Move the tensors of `batch` to the backbone's device."
         dev = self.device
         return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # --- inputs: one example's compact form, and batches of them ------------------------------------------------
+    pad_values: dict = {}  # padding value of each variable-length input (default 0), e.g. `{"labels": -100}`
+
+    def example_inputs(self, task, example:dict) -> dict:
+        "One example's inputs in compact form (unpadded token ids, uint8 pixels; `label` when numeric): 1 × the data."
+        if type(self).preprocess is TaskModel.preprocess:
+            raise NotImplementedError(f"{type(self).__name__} defines neither `example_inputs` nor `preprocess`")
+        return {k: v[0] for k, v in self.preprocess(task, [example]).items() if torch.is_tensor(v)}
+
+    def collate(self, task, items:list[dict]) -> dict:
+        "The model-ready batch of `example_inputs` items (`pad_stack`; subclasses finish it, e.g. normalize pixels)."
+        return pad_stack(items, self.pad_values)
+
+    def preprocess(self, task, examples:list[dict]) -> dict:
+        "The model-ready batch of raw `examples`: `collate` of their `example_inputs`."
+        return self.collate(task, [self.example_inputs(task, e) for e in as_examples(examples)])
+
+    def input_signature(self) -> dict|None:
+        "What fixes `example_inputs` besides the example (it keys `llora.data`'s input cache); None: not cacheable."
+        return None
 
     @contextlib.contextmanager
     def _eval(self):
@@ -453,12 +499,16 @@ class SentenceEncoderModel(ZeroShotClassifier):
                              max_length=self.max_length, return_tensors="pt")
         return dict(enc)
 
-    def preprocess(self, task, examples:list[dict]) -> dict:
-        "Tokenize the examples' texts; `label` holds their labels."
-        examples = as_examples(examples)
-        texts = [example_text(task, e) for e in examples]
-        pairs = [e["text_pair"] for e in examples] if examples and all("text_pair" in e for e in examples) else None
-        return {**self.tokenize(texts, pairs), **_labels(examples)}
+    @property
+    def pad_values(self) -> dict: return {"input_ids": self.tokenizer.pad_token_id}
+
+    def example_inputs(self, task, example:dict) -> dict:
+        "The example's text (and `text_pair`) as token ids, at most `max_length`; its `label`."
+        enc = self.tokenizer(example_text(task, example), example.get("text_pair"), truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {**{k: v[0] for k, v in enc.items()}, **example_label(example)}
+
+    def input_signature(self) -> dict: return tokenizer_signature(self.tokenizer, max_length=self.max_length)
 
     @staticmethod
     def _pool(encoder, batch):
@@ -614,14 +664,27 @@ def to_pil(image):
     if a.ndim == 3 and a.shape[2] == 1: a = a[:, :, 0]
     return Image.fromarray(a).convert("RGB")
 
-def clip_transform(image_size:int, # side of the square input
-                   paper_exact:bool=False, # the authors' Resize((s, s)) + ToTensor, without normalization
-                   mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
-    "The image transform of CLIP (or of the authors' fine-tuning scripts with `paper_exact`)."
+def clip_pixels(image_size:int, # side of the square input
+                paper_exact:bool=False, # the authors' Resize((s, s)) instead of CLIP's bicubic resize + centre crop
+               ):
+    "The geometric part of CLIP's image transform: an image -> its resized uint8 (3, s, s) tensor."
     from torchvision import transforms as T
-    if paper_exact: return T.Compose([to_pil, T.Resize((image_size, image_size)), T.ToTensor()])
+    if paper_exact: return T.Compose([to_pil, T.Resize((image_size, image_size)), T.PILToTensor()])
     return T.Compose([to_pil, T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+                      T.CenterCrop(image_size), T.PILToTensor()])
+
+def clip_normalize(pixels:torch.Tensor, # uint8 (..., 3, s, s), e.g. a batch of `clip_pixels` outputs
+                   paper_exact:bool=False, # the authors' scaling to [0, 1] only
+                   mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    "The rest of CLIP's transform: float in [0, 1] (as `ToTensor`), then CLIP's normalization unless `paper_exact`."
+    from torchvision.transforms import functional as TF
+    x = pixels.to(torch.get_default_dtype()).div(255)
+    return x if paper_exact else TF.normalize(x, mean, std)
+
+def clip_transform(image_size:int, paper_exact:bool=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    "The whole image transform of CLIP (or of the authors' fine-tuning scripts with `paper_exact`): image -> float tensor."
+    pixels = clip_pixels(image_size, paper_exact)
+    return lambda image: clip_normalize(pixels(image), paper_exact, mean, std)
 
 # %% ../nbs/07_models.ipynb #8bf78c8d
 class CLIPClassifier(ZeroShotClassifier):
@@ -631,13 +694,20 @@ class CLIPClassifier(ZeroShotClassifier):
         targets = ["q_proj"] if paper_exact else list(lora_targets)
         super().__init__(backbone, name=name, lora_targets=targets, frozen=frozen, **kwargs)
         self.image_size, self.paper_exact, self.logit_scale = image_size, paper_exact, float(logit_scale)
-        self.transform = clip_transform(image_size, paper_exact=paper_exact)
+        self.transform = clip_pixels(image_size, paper_exact=paper_exact)
         if paper_exact: self.head_templates = [PAPER_TEMPLATE]  # the authors' one template, not the task's ensemble
 
-    def preprocess(self, task, examples:list[dict]) -> dict:
-        "Transform the examples' images into `pixel_values`; `label` holds their labels."
-        examples = as_examples(examples)
-        return {"pixel_values": torch.stack([self.transform(e["image"]) for e in examples]), **_labels(examples)}
+    def example_inputs(self, task, example:dict) -> dict:
+        "The example's image resized to uint8 `pixel_values` (`clip_pixels`); its `label`."
+        return {"pixel_values": self.transform(example["image"]), **example_label(example)}
+
+    def collate(self, task, items:list[dict]) -> dict:
+        "Stacked items with `pixel_values` as float, normalized (`clip_normalize`)."
+        b = pad_stack(items, self.pad_values)
+        return {**b, "pixel_values": clip_normalize(b["pixel_values"], self.paper_exact)}
+
+    def input_signature(self) -> dict:
+        return {"inputs": "clip_pixels", "image_size": int(self.image_size), "paper_exact": bool(self.paper_exact)}
 
 # %% ../nbs/07_models.ipynb #3ad1796a
 class OpenCLIPClassifier(CLIPClassifier):
@@ -847,20 +917,23 @@ class Seq2SeqModel(TaskModel):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.max_target_length, self.max_new_tokens = max_target_length, max_new_tokens
 
-    def preprocess(self, task, examples:list[dict]) -> dict:
-        "Tokenize prompts (`input_ids`, `attention_mask`) and targets (`labels`, padding = -100); `label` as given."
+    @property
+    def pad_values(self) -> dict: return {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
+
+    def example_inputs(self, task, example:dict) -> dict:
+        "The prompt's token ids (`input_ids`, `attention_mask`), the target's (`labels`; none if unlabeled); `label`."
         self._check_task(task)
-        examples = as_examples(examples)
-        enc = self.tokenizer([example_text(task, e) for e in examples], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        try: targets = [example_target(task, e) for e in examples]
-        except KeyError: targets = None  # unlabeled examples: prediction only
-        if targets is not None:
-            lab = self.tokenizer(targets, padding=True, truncation=True, max_length=self.max_target_length,
-                                 return_tensors="pt")
-            batch["labels"] = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
-        return {**batch, **_labels(examples)}
+        enc = self.tokenizer(example_text(task, example), truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+        try: target = example_target(task, example)
+        except KeyError: target = None  # unlabeled: prediction only
+        if target is not None:
+            out["labels"] = self.tokenizer(target, truncation=True, max_length=self.max_target_length,
+                                           return_tensors="pt")["input_ids"][0]
+        return {**out, **example_label(example)}
+
+    def input_signature(self) -> dict:
+        return tokenizer_signature(self.tokenizer, max_length=self.max_length, max_target_length=self.max_target_length)
 
     def loss(self, task, batch:dict) -> torch.Tensor:
         "The seq2seq LM loss on the target tokens."

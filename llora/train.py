@@ -16,7 +16,8 @@ from .core import (atomic_dir, cache_dir, check_finite, file_lock, file_sha256, 
                         progress, save_tensors, seed_everything)
 from .linearize import (LinearizedModelWrapper, export_lora_adapter, linear_layers_only, linearize_lora,
                              lora_parameters)
-from .models import MODELS, TaskModel, get_model
+from .data import example_loader
+from .models import MODELS, TaskModel, as_examples, get_model
 
 # %% auto #0
 __all__ = ['MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw', 'model_options', 'resolve_hparams',
@@ -405,25 +406,26 @@ def train(model:TaskModel, # a `prepare`d model (trained in place)
           task, # task object (or name)
           hp:dict, # hyperparameters (`resolve_hparams`; `mixed_precision` one of `MIXED_PRECISION`, default "no")
           seed:int=42, # seed of the data order and dropout
-          examples:list|None=None, # training examples (default: `task.load("train")`)
+          examples:list|None=None, # training examples (default: `task.load("train")`, decoded batch by batch)
+          workers:int|str|None=None, # processes encoding the batches (`llora.data.loader_workers`: 0 on CPU)
           accelerate:bool|None=None, # None: only under a multi-process launch
           device:str|torch.device|None="auto", # `resolve_device`; under a launch, each process's own device
           desc:str="", # progress-bar label
           log_every:int=1, # record the loss every this many steps
          ) -> dict:
     "Fine-tune `model` on `task` for `hp['steps']` steps of `hp['batch_size']` examples (global batch under DDP)."
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import RandomSampler
     task = resolve_task(task)
-    examples = list(task.load("train")) if examples is None else list(examples)
-    if not examples: raise ValueError(f"train: task {task.name!r} has no training examples")
+    examples = task.load("train") if examples is None else examples
+    if isinstance(examples, dict) or not hasattr(examples, "__getitem__"): examples = as_examples(examples)
+    if not len(examples): raise ValueError(f"train: task {task.name!r} has no training examples")
     steps, bs, mp = int(hp["steps"]), int(hp["batch_size"]), hp.get("mixed_precision") or "no"
     dev = resolve_device(device)
     amp_dtype(mp, dev)  # a bad value fails before any work
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(range(len(examples)), replacement=False, num_samples=max(1, steps * bs), generator=g)
-    loader = DataLoader(examples, batch_size=bs, sampler=sampler, collate_fn=partial(model.preprocess, task),
-                        num_workers=0)
+    loader = example_loader(model, task, examples, bs, sampler=sampler, workers=workers, device=dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, hp)
     sched = make_scheduler(opt, hp)
