@@ -21,9 +21,9 @@ __all__ = ['COST_TASK', 'COST_MODES', 'INFERENCE_VARIANTS', 'PAPER_TABLE4', 'TRA
            'MERGE_HPARAMS', 'MERGE_IMPLS', 'count_parameters', 'authors_wrapper_copies', 'tensor_bytes',
            'checkpoint_bytes', 'peak_memory', 'peak_memory_each', 'torch_threads', 'state_bytes', 'interleaved_timings',
            'paired_ratios', 'timing_summary', 'synthetic_batch', 'train_step_fn', 'inference_step_fn',
-           'base_cost_model', 'build_cost_models', 'measure_model', 'openclip_shapes', 'random_task_vectors',
-           'dense_task_arithmetic_reference', 'merge_rss', 'merge_cost', 'merge_rss_table', 'markdown_table',
-           'environment', 'write_tables']
+           'base_cost_model', 'build_cost_models', 'measure_model', 'step_flops', 'ntk_flop_table', 'openclip_shapes',
+           'random_task_vectors', 'dense_task_arithmetic_reference', 'merge_rss', 'merge_cost', 'merge_rss_table',
+           'markdown_table', 'environment', 'write_tables']
 
 # %% ../nbs/11_cost.ipynb #eb6076a9
 def _is_phi0(name:str) -> bool: return name.rsplit(".", 1)[-1].startswith("phi0_")
@@ -486,6 +486,30 @@ def measure_model(name:str, # a key of `llora.models.MODELS`
     gc.collect()
     if dev.type == "cuda": torch.cuda.empty_cache()
     return dict(modes=table, ratios=ratios, timings=timings, checks=checks)
+
+# %% ../nbs/11_cost.ipynb #c9056c2d
+def step_flops(step:Callable, # a function running one step (e.g. `inference_step_fn(...)`)
+              ) -> int:
+    "Matrix-product and convolution FLOPs of one call of `step` (`torch.utils.flop_counter`; elementwise work not counted)."
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc: step()
+    return int(fc.get_total_flops())
+
+def ntk_flop_table(names:list, # keys of `llora.models.MODELS` (models without an `ntk` mode are skipped)
+                   batch_size:int=2, # examples per step
+                   tiny:bool=False, # tiny random configurations (tests)
+                  ) -> pd.DataFrame:
+    "Per model: GFLOPs of one inference step of the base and of the NTK model, and their ratio (the floor of the time ratio)."
+    rows = []
+    for name in names:
+        ms = build_cost_models(name, modes=("ntk",), tiny=tiny)
+        if "ntk" not in ms: continue
+        batch = synthetic_batch(ms["base"], batch_size)
+        base, ntk = (step_flops(inference_step_fn(ms[k], batch)) for k in ("base", "ntk"))
+        rows.append(dict(model=name, batch_size=batch_size, base_gflop=base / 1e9, ntk_gflop=ntk / 1e9,
+                         flop_ratio=ntk / base))
+    return pd.DataFrame(rows, columns=["model", "batch_size", "base_gflop", "ntk_gflop", "flop_ratio"])
+
 
 # %% ../nbs/11_cost.ipynb #3126c323
 def openclip_shapes(arch:str="ViT-B-16", # open_clip architecture

@@ -92,10 +92,10 @@ def run_cells(lab: Lab, kernel_id: str, cells: list, timeout: float) -> list:
                 ws.settimeout(max(1.0, deadline - time.time()))
                 msg = json.loads(ws.recv())
                 if msg.get("parent_header", {}).get("msg_id") != msg_id: continue
-                kind = msg["header"]["msg_type"]
-                if kind == "error": errors.append(f"cell {i}: {msg['content']['ename']}: {msg['content']['evalue']}")
-                if kind == "execute_reply":
-                    if msg["content"]["status"] != "ok" and not errors: errors.append(f"cell {i}: {msg['content']}")
+                # the shell channel's reply carries the error too; iopub's `error` message can arrive before or after it
+                if msg["header"]["msg_type"] == "execute_reply":
+                    c = msg["content"]
+                    if c["status"] != "ok": errors.append(f"cell {i}: {c.get('ename', c['status'])}: {c.get('evalue', '')}")
                     break
             if errors: break
     finally:
