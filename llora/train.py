@@ -441,7 +441,8 @@ def train(model:TaskModel, # a `prepare`d model (trained in place)
     losses, t0 = [], time.time()
     it = iter(loader)
     show = acc is None or acc.is_main_process
-    bar = progress(range(steps), desc=desc or f"{task.name}", disable=None if show else True, leave=False)
+    # the main process's bar follows `LLORA_PROGRESS` (also under papermill, whose kernel has no terminal)
+    bar = progress(range(steps), desc=desc or f"{task.name}", leave=False, **({} if show else {"disable": True}))
     with _deterministic(acc is None and model.device.type == "cpu"):
         for step in bar:
             batch = next(it)

@@ -154,3 +154,15 @@ def test_finetune_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown task"): finetune("minilm-l6", "no-such-task", "lora", out_dir=tmp_path, **TINY)
     with pytest.raises(ValueError, match="Registered models"): finetune("nope", TOY, "lora", out_dir=tmp_path, **TINY)
     with pytest.raises(ValueError, match="lrr"): finetune("minilm-l6", TOY, "lora", out_dir=tmp_path, lrr=1, **TINY)
+
+
+def test_training_progress_reaches_a_non_terminal_stderr(capsys, monkeypatch):
+    "Under papermill the kernel's stderr is no terminal: the step bar is still drawn unless LLORA_PROGRESS=0."
+    from llora.train import train
+    monkeypatch.delenv("LLORA_PROGRESS", raising=False)
+    m = prepare("minilm-l6", "lora", tiny=True)
+    train(m, TOY, resolve_hparams("tiny", "lora", steps=2, batch_size=2), device="cpu", desc="bar-check")
+    assert "bar-check" in capsys.readouterr().err
+    monkeypatch.setenv("LLORA_PROGRESS", "0")
+    train(m, TOY, resolve_hparams("tiny", "lora", steps=2, batch_size=2), device="cpu", desc="bar-check")
+    assert "bar-check" not in capsys.readouterr().err
