@@ -110,7 +110,16 @@ def resolve_device(device:str|torch.device|None="auto", # "auto"/None: CUDA when
     if device is None or device == "auto":
         if torch.cuda.is_available() and "LOCAL_RANK" in os.environ: return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return get_device(None)
-    return get_device(device)
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"Unknown device {device!r} (parameter `device`); valid: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False); "
+                         "use device='auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return get_device(dev)
 
 def amp_dtype(mixed_precision:str="no", # one of `MIXED_PRECISION`
               device:str|torch.device|None="auto", # where the computation runs
@@ -119,7 +128,7 @@ def amp_dtype(mixed_precision:str="no", # one of `MIXED_PRECISION`
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"Unknown mixed_precision {mixed_precision!r} (parameter `mixed_precision`); "
                          f"valid: {', '.join(MIXED_PRECISION)}")
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)  # a torch.device is taken as resolved
     if mixed_precision == "auto":
         if dev.type != "cuda": return None
         mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

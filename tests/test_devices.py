@@ -142,3 +142,14 @@ def test_on_the_gpu(tmp_path):
     assert all(v.is_cuda for v in tv.values())
     pa = precision_agreement(m, [TOY], "auto")
     assert (pa["diff"].abs() <= 1 - pa["agreement"] + 1e-9).all()
+
+
+def test_bad_devices_fail_at_once_naming_the_parameter(monkeypatch):
+    "A misspelt device, or a GPU this machine lacks, is a ValueError naming `device` before any model is built."
+    with pytest.raises(ValueError, match="Unknown device 'tpu' \\(parameter `device`\\)"): resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no usable CUDA GPU"): resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="2 CUDA GPU\\(s\\), cuda:0 to cuda:1"): resolve_device("cuda:7")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)

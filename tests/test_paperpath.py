@@ -185,6 +185,12 @@ BAD_PARAMETERS = [
     ("exp_prompts", dict(method="tie"), "valid: simple_average"),
     ("exp_prompts", dict(tasks="rt_polarity"), "at least 2 different tasks"),
     ("exp_similarity", dict(tasks="nope,spam"), "Registered tasks"),
+    ("exp_similarity", dict(device="tpu"), "Unknown device 'tpu'"),
+    ("exp_landscape", dict(device="tpu"), "Unknown device 'tpu'"),
+    ("exp_disentanglement", dict(device="tpu"), "Unknown device 'tpu'"),
+    ("exp_prompts", dict(device="tpu"), "Unknown device 'tpu'"),
+    ("exp_fusion", dict(device="tpu"), "Unknown device 'tpu'"),
+    ("exp_finetune", dict(device="tpu"), "Unknown device 'tpu'"),
 ]
 
 
