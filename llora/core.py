@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'file_lock', 'atomic_dir', 'save_csv', 'save_figure', 'save_tensors',
            'load_tensors', 'file_sha256', 'seed_everything', 'get_device', 'cache_dir', 'is_offline', 'hub_cache_dir',
-           'OfflineError', 'require_online', 'check_finite', 'progress']
+           'OfflineError', 'hub_unreachable', 'check_finite', 'progress']
 
 # %% ../nbs/00_core.ipynb #b3d4095f
 def _umask() -> int:
@@ -197,13 +197,20 @@ def hub_cache_dir() -> Path:
 class OfflineError(RuntimeError):
     "A download was needed while offline."
 
-def require_online(what:str, # what would be downloaded, e.g. "CLIP ViT-B/16 weights"
-                   parameter:str, # the parameter (or variable) to change to avoid the download
-                  ):
-    "Raise `OfflineError` when offline, naming `what` and the `parameter` to change."
-    if is_offline():
-        raise OfflineError(f"{what} must be downloaded, but HF_HUB_OFFLINE is set. Unset HF_HUB_OFFLINE on a machine "
-                           f"with hub access, or change `{parameter}` to something available offline.")
+def hub_unreachable(repo:str, # a hub repo id
+                    filename:str, # a file the repo has (e.g. "config.json", a dataset's "README.md")
+                    repo_type:str="model", # "model" or "dataset"
+                   ) -> str:
+    "Why the hub cannot serve `repo`/`filename` (one request, no retries), or '' when it answers."
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # read now, like the other variables
+    try: get_hf_file_metadata(hf_hub_url(repo, filename, repo_type=repo_type, endpoint=endpoint),
+                              timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, ValueError): return ""  # it answered: a missing file or a gated repo is the loader's to report
+    except Exception as e:  # no answer: a network error, a timeout, or huggingface_hub's own offline mode
+        return f"the hub ({endpoint}) cannot be reached ({type(e).__name__}: {e})"
+    return ""
 
 # %% ../nbs/00_core.ipynb #8ba397f9
 def check_finite(tensors:dict, # name -> tensor

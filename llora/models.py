@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import OfflineError, hub_cache_dir, is_offline
+from .core import OfflineError, hub_cache_dir, hub_unreachable, is_offline
 from .tasks import PAPER_TEMPLATE
 
 # %% auto #0
@@ -399,23 +399,12 @@ def random_weights(tiny:bool, # the builder's `tiny`
     return not isinstance(pretrained, (str, os.PathLike)) and (tiny or not pretrained)
 
 # %% ../nbs/07_models.ipynb #5e1f0a04
-def _hub_unreachable(repo:str, filename:str) -> str:
-    "Why the hub cannot serve `repo`/`filename` (one request, no retries), or '' when it answers."
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # read now, like the other variables
-    try: get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except (HfHubHTTPError, ValueError): return ""  # it answered: a missing file or a gated repo is the loader's to report
-    except Exception as e:  # no answer: a network error, a timeout, or huggingface_hub's own offline mode
-        return f"the hub ({endpoint}) cannot be reached ({type(e).__name__}: {e})"
-    return ""
-
 def hub_local_only(repo:str, # a hub repo id
                    probe:str, # a file every source of the repo's kind has (e.g. "config.json")
                   ) -> str:
     "Why `repo` must be read from the local cache only ('HF_HUB_OFFLINE is set', an unreachable hub), or ''."
     if is_offline(): return "HF_HUB_OFFLINE is set"
-    return _hub_unreachable(repo, probe)
+    return hub_unreachable(repo, probe)
 
 def _offline_message(what:str, repo:str, why:str, missing:str, family:str) -> str:
     return (f"{what}: {why}, and the Hugging Face cache ({hub_cache_dir()}) has no {missing} of {repo!r}. Pass "

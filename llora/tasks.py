@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, file_sha256, is_offline
+from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, file_sha256, hub_unreachable, is_offline
 
 # %% auto #0
 __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS_TOPICS', 'NEWSGROUPS_COARSE', 'HEALTH_OUTLETS',
@@ -736,7 +736,7 @@ VISION_TASKS = {  # name -> (HF dataset, config, class names, templates, descrip
 def _hub_dataset(task:Task, path:str, config:str|None, split:str, root:str|None):
     "Load `split` of hub dataset `path` via `datasets`, turning offline/missing-package failures into clear errors."
     how = (f"Supply a local copy: pass `root=` to `task.load` (or set LLORA_DATA) to a folder holding one of the "
-           f"layouts of `task_sources({task.name!r})` (see `find_copy`), e.g. a `datasets` cache filled by "
+           f"layouts of `task_sources({task.name!r})` (see `find_copy`; the notebooks' `data_root` parameter), e.g. a `datasets` cache filled by "
            f"`get_task({task.name!r}).load(split, root=...)` on a machine with hub access")
     try: import datasets
     except ImportError:
@@ -744,6 +744,10 @@ def _hub_dataset(task:Task, path:str, config:str|None, split:str, root:str|None)
             raise OfflineError(f"Task {task.name!r} needs {path!r} from the Hugging Face hub, but HF_HUB_OFFLINE is set "
                                f"and the `datasets` package is not installed. {how}.") from None
         raise ImportError(f"Task {task.name!r} loads {path!r} with the `datasets` package: pip install datasets") from None
+    why = "" if is_offline() else hub_unreachable(path, "README.md", "dataset")
+    if why:  # no answer: fail now, not after the `datasets` client's retries
+        raise OfflineError(f"Task {task.name!r} needs {path!r} from the Hugging Face hub, but {why}, and no local copy "
+                           f"was found. {how}; or set HF_HUB_OFFLINE=1 to read the caches only.")
     try: return datasets.load_dataset(path, config, split=split, cache_dir=root)
     except Exception as e:
         if is_offline():

@@ -177,7 +177,8 @@ def test_pretrained_false_and_tiny_unchanged(name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_unreachable_hub_fails_fast_or_uses_cache(monkeypatch, tmp_path, hub):
+@pytest.mark.parametrize("name", ["flan-t5-base", "clip-vit-b-16-hf", "clip-vit-b-16-openclip"])
+def test_unreachable_hub_fails_fast_or_uses_cache(monkeypatch, tmp_path, hub, name):
     "Issue 12: without HF_HUB_OFFLINE and without a hub, one refused request decides: cache, or a clear error."
     import huggingface_hub.constants as hc
     monkeypatch.delenv("HF_HUB_OFFLINE"); monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -185,10 +186,10 @@ def test_unreachable_hub_fails_fast_or_uses_cache(monkeypatch, tmp_path, hub):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     t0 = time.time()
-    with pytest.raises(OfflineError, match="cannot be reached") as e: get_model("flan-t5-base")
+    with pytest.raises(OfflineError, match="cannot be reached") as e: get_model(name)
     assert time.time() - t0 < 5 and "pretrained=<local folder>" in str(e.value)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub[0]))
-    assert_predicts(get_model("flan-t5-base", pretrained=hub[1]["flan-t5-base"]))
+    assert_predicts(get_model(name, pretrained=hub[1][name]))
 
 
 def test_hf_clip_truncates_long_class_texts(local, offline):

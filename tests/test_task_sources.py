@@ -194,3 +194,17 @@ def test_evaluate_samples_instead_of_first_n(roots, monkeypatch):
     ex = _load_examples(task, "test", 10)
     assert sorted(e["label"] for e in ex) == list(range(10))
     assert [e["label"] for e in ex] == [e["label"] for e in _load_examples(task, "test", 10)]
+
+
+def test_unreachable_hub_for_data_fails_fast_naming_data_root(monkeypatch, tmp_path):
+    "Issue 12: without HF_HUB_OFFLINE, no local copy and no hub: one refused request, then a clear error (not datasets' retries)."
+    import huggingface_hub.constants as hc
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LLORA_DATA"): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    for name in ("glue-rte", "SVHN"):
+        t0 = time.time()
+        with pytest.raises(OfflineError, match="cannot be reached") as e: get_task(name).load("test")
+        msg = str(e.value)
+        assert time.time() - t0 < 5 and "data_root" in msg and "LLORA_DATA" in msg and "root=" in msg, msg
