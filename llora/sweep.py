@@ -22,7 +22,7 @@ __all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRI
            'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit', 'single_unit', 'mean_normalized',
            'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job', 'ensure_checkpoints', 'SweepResult',
            'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup', 'resolve_profile', 'parse_pairs',
-           'MissingInputsError', 'check_available']
+           'profile_models', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -829,6 +829,12 @@ def parse_pairs(spec:str, # "task1:task2,task3:task4"
         pairs.append(p)
     if not pairs: raise ValueError(f"No task pair in {spec!r}; write 'task1:task2' (comma-separated for more)")
     return pairs
+
+def profile_models(profile:str, # a key of `PROFILES`
+                  ) -> tuple[list, bool]:
+    "The models a benchmark notebook (`exp_cost`, `exp_throughput`) measures for `profile`, and whether they are tiny."
+    if profile not in PROFILES: raise ValueError(f"Unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    return ([PROFILES[profile]["model"]] if profile != "paper" else list(PAPER_MODELS)), PROFILES[profile]["tiny"]
 
 # %% ../nbs/10_sweep.ipynb #3966aec7
 class MissingInputsError(RuntimeError):

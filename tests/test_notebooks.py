@@ -32,6 +32,13 @@ def test_papermill_parameters_cell(path):
     assert not injected, f"{path.name}: papermill-injected cells at code cells {injected}"
 
 
+@pytest.mark.parametrize("path", [p for p in PAPERMILL if p.stem.startswith("exp_")], ids=lambda p: p.stem)
+def test_experiment_notebooks_share_the_common_parameters(path):
+    "Every experiment notebook takes `profile`, `device` and `pretrained` (issues 10 and 11), with the same meaning."
+    names = {t.id for s in ast.parse(code_cells(path)[0].source).body for t in s.targets if isinstance(t, ast.Name)}
+    assert {"profile", "device", "pretrained"} <= names, f"{path.name}: missing {({'profile', 'device', 'pretrained'} - names)}"
+
+
 @pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
 def test_kernel_is_inferable(path):
     "papermill and JupyterLab find the kernel from the notebook itself (plain `papermill IN OUT`, no `-k`)."
