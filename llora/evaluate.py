@@ -98,7 +98,7 @@ def evaluate(model:TaskModel, # a model (a `prepare`d one, a fine-tuned one, or 
              tasks:list, # task names or objects
              split:str="test", # "train", "validation" or "test"
              batch_size:int=64, # examples per forward pass
-             max_examples:int|None=None, # evaluate on the first `max_examples` examples only
+             max_examples:int|None=None, # evaluate on a seeded class-stratified sample of this many (`llora.tasks.sample_examples`)
              mixed_precision:str="auto", # `llora.train.MIXED_PRECISION`; "auto": bf16 (or fp16) on GPU, fp32 on CPU
              device:str|torch.device|None=None, # move the model there first (`resolve_device`); None: where it is
              show_progress:bool=False, # a progress bar over tasks

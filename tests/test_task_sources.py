@@ -185,15 +185,18 @@ def test_sampler_datasets_and_regression(roots):
     with pytest.raises(ValueError, match="n must be"): sample_examples(stsb, view, -1)
 
 
-def test_evaluate_samples_instead_of_first_n(roots, monkeypatch):
-    "`evaluate`'s `max_examples` now draws a stratified sample: every class of a class-sorted copy is represented."
-    from llora.evaluate import _load_examples
+def test_evaluate_samples_instead_of_first_n(roots, monkeypatch, tmp_path):
+    "`evaluate`'s `max_examples` draws a stratified sample (the inputs `llora.data.split_inputs` encodes): every class of a class-sorted copy is represented."
+    from llora.data import split_inputs
+    from llora.models import get_model
     monkeypatch.setenv("LLORA_DATA", str(roots("image_folder")))
+    monkeypatch.setenv("LLORA_CACHE", str(tmp_path))
     task = get_task("EuroSAT")  # test: 2 images per class, sorted by class
     assert sorted(task.load("test").labels[:10]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # what the first 10 were
-    ex = _load_examples(task, "test", 10)
-    assert sorted(e["label"] for e in ex) == list(range(10))
-    assert [e["label"] for e in ex] == [e["label"] for e in _load_examples(task, "test", 10)]
+    m = get_model("clip-vit-b-16-hf", tiny=True)
+    refs = split_inputs(m, task, "test", 10).refs
+    assert sorted(refs) == list(range(10))
+    assert refs == split_inputs(get_model("clip-vit-b-16-hf", tiny=True), task, "test", 10).refs  # the same, from the cache
 
 
 def test_unreachable_hub_for_data_fails_fast_naming_data_root(monkeypatch, tmp_path):
