@@ -401,8 +401,13 @@ def resolve_task(task, # a registered name or a task object
 def _accelerator(dev:torch.device, mixed_precision:str, batch_size:int):
     "An `Accelerator` that splits each global batch of `batch_size` across the launched processes."
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
     dt = amp_dtype(mixed_precision, dev)
+    # one Accelerator per `train` call, each with its own mixed precision: accelerate keeps its state process-wide and
+    # refuses a second precision ("AcceleratorState has already been initialized"), so the previous call's is dropped
+    # (the process group, `PartialState`, stays)
+    AcceleratorState._reset_state(reset_partial_state=False); GradientState._reset_state()
     acc = Accelerator(cpu=dev.type == "cpu", mixed_precision={None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
                       dataloader_config=DataLoaderConfiguration(split_batches=True),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

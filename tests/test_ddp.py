@@ -26,7 +26,7 @@ COMMON = textwrap.dedent('''
     TOY = Task("toy-ddp", classes=["negative", "positive"], label_descriptions=["a negative review", "a positive review"],
                loader=lambda task, split: list(EX))
 
-    def trained(mode, steps, batch_size):
+    def trained(mode, steps, batch_size, **hp_kw):
         "A tiny MiniLM trained in `mode` with every dropout off; returns (trainable state, per-step local batch sizes, log)."
         m = prepare("minilm-l6", mode, tiny=True, device="cpu", **({} if mode == "full" else {"dropout": 0.0}))
         for mod in m.modules():
@@ -35,7 +35,7 @@ COMMON = textwrap.dedent('''
         def counting_loss(task, batch):
             sizes.append(int(batch["label"].shape[0])); return loss(task, batch)
         m.loss = counting_loss
-        hp = resolve_hparams("tiny", mode, steps=steps, batch_size=batch_size, lr=1e-2)
+        hp = resolve_hparams("tiny", mode, steps=steps, batch_size=batch_size, lr=1e-2, **hp_kw)
         log = train(m, TOY, hp, seed=0, device="cpu")
         return {k: v.detach().clone() for k, v in m.trainable_state_dict().items()}, sizes, log
 ''')
@@ -50,6 +50,8 @@ WORKER = COMMON + textwrap.dedent('''
         # one file per rank and mode: two ranks printing at once can interleave their lines on the shared stdout
         (out / f"result-{mode}-{rank}.json").write_text(json.dumps(dict(
             rank=rank, mode=mode, sizes=sizes, losses=log["losses"], ckpt=str(ck), finished=(ck / "meta.json").exists())))
+    _, _, log = trained("lora", int(sys.argv[2]), int(sys.argv[3]), mixed_precision="bf16")  # AMP under DDP
+    (out / f"amp-lora-{rank}.json").write_text(json.dumps(dict(rank=rank, losses=log["losses"])))
 ''')
 
 
@@ -70,12 +72,14 @@ def ddp_run(tmp_path_factory):
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     results = [json.loads(f.read_text()) for f in sorted(out.glob("result-*.json"))]
+    results += [dict(json.loads(f.read_text()), mode="amp-lora") for f in sorted(out.glob("amp-lora-*.json"))]
     return out, results
 
 
 def test_every_mode_finishes_with_split_global_batches(ddp_run):
     "Each rank takes the preset's number of steps on half of each global batch; both ranks return the written checkpoint."
     out, results = ddp_run
+    results = [r for r in results if r["mode"] != "amp-lora"]
     assert sorted((r["mode"], r["rank"]) for r in results) == sorted((m, k) for m in MODES for k in (0, 1))
     for mode in MODES:
         r0, r1 = [r for r in results if r["mode"] == mode and r["rank"] == 0][0], [r for r in results if r["mode"] == mode and r["rank"] == 1][0]
@@ -118,3 +122,15 @@ def test_ddp_parameters_equal_single_process(ddp_run, mode):
     moved = torch.cat([(ref[k] - t0[k]).flatten() for k in ref]).norm()
     diff = torch.cat([(ddp[k] - ref[k]).flatten() for k in ref]).norm()
     assert moved > 1e-3 and diff / moved < 1e-3, f"{mode}: relative difference {float(diff / moved):.3g}"
+
+
+def test_amp_under_ddp(ddp_run):
+    """bf16 autocast under DDP (accelerate's mixed_precision): both ranks finish with the same finite losses, which
+    differ from the fp32 run's by bf16 rounding (so autocast was on) and stay within 5e-2 of them (so it is the same
+    training)."""
+    _, results = ddp_run
+    amp = [r for r in results if r["mode"] == "amp-lora"]
+    fp32 = [r for r in results if r["mode"] == "lora" and r["rank"] == 0][0]
+    assert sorted(r["rank"] for r in amp) == [0, 1] and amp[0]["losses"] == amp[1]["losses"]
+    lo, hi = [l for _, l in amp[0]["losses"]], [l for _, l in fp32["losses"]]
+    assert len(lo) == len(hi) == STEPS and all(abs(a - b) < 5e-2 for a, b in zip(lo, hi)) and lo != hi, (lo, hi)
