@@ -16,7 +16,7 @@ except ImportError: sdpa_kernel = None  # torch < 2.3
 from torch.utils._pytree import tree_map
 
 # %% auto #0
-__all__ = ['IMPLS', 'ATTENTION_PATTERNS', 'linearized_call', 'LinearizedModelWrapper', 'LinearizedLoraLinear',
+__all__ = ['IMPLS', 'ATTENTION_PATTERNS', 'MLP_PATTERNS', 'linearized_call', 'LinearizedModelWrapper', 'LinearizedLoraLinear',
            'ClosedFormLoraLinear', 'JvpLoraLinear', 'linearized_layers', 'linearize_lora', 'unlinearize_lora',
            'linearization_point', 'lora_parameters', 'lora_delta_weights', 'export_lora_adapter', 'plain_lora_model',
            'linear_layers_only']
@@ -413,6 +413,11 @@ ATTENTION_PATTERNS = (
     r"(self_attn|attn|attention)\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)$",  # HF CLIP, open_clip out_proj
     r"(SelfAttention|EncDecAttention)\.(q|k|v|o)\.(weight|bias)$",             # T5
     r"attn\.in_proj_(weight|bias)$",                                          # open_clip fused q/k/v
+)
+MLP_PATTERNS = (  # the other linear layers of a transformer block: its MLP
+    r"layer\.\d+\.(intermediate|output)\.dense\.(weight|bias)$",              # BERT, RoBERTa, HF ViT (not attention.output)
+    r"mlp\.(fc1|fc2|c_fc|c_proj)\.(weight|bias)$",                             # HF CLIP, open_clip
+    r"DenseReluDense\.(wi|wi_0|wi_1|wo)\.(weight|bias)$",                      # T5
 )
 
 def linear_layers_only(model:nn.Module, # the model to fine-tune (modified in place: requires_grad)

@@ -14,20 +14,26 @@ from torch import nn
 
 from .core import (atomic_dir, cache_dir, check_finite, file_lock, file_sha256, get_device, load_tensors,
                         progress, save_tensors, seed_everything)
-from .linearize import (LinearizedModelWrapper, export_lora_adapter, linear_layers_only, linearize_lora,
-                             lora_parameters)
+from .linearize import (ATTENTION_PATTERNS, MLP_PATTERNS, LinearizedModelWrapper, export_lora_adapter,
+                             linear_layers_only, linearize_lora, lora_parameters)
 from .data import example_loader
 from .models import MODELS, TaskModel, as_examples, get_model
 
 # %% auto #0
-__all__ = ['MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw', 'model_options', 'resolve_hparams',
-           'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare', 'theta0',
-           'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir', 'load_meta',
+__all__ = ['LINEAR_ONLY_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw', 'model_options',
+           'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare',
+           'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir', 'load_meta',
            'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all', 'resolve_task', 'train',
            'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
-MODES = ("full", "lora", "l_lora", "ntk", "linear_only")
+LINEAR_ONLY_MODES = {  # mode -> (parameter patterns, train their biases too): the ablation of Jin et al.'s Table 2
+    "linear_only": (ATTENTION_PATTERNS, False),                     # W_Q, W_K, W_V, W_O (the seed's method)
+    "linear_only_bias": (ATTENTION_PATTERNS, True),                 # + their biases
+    "linear_all": (ATTENTION_PATTERNS + MLP_PATTERNS, False),       # every linear weight of the blocks (+ the MLP's)
+    "linear_all_bias": (ATTENTION_PATTERNS + MLP_PATTERNS, True),   # + their biases
+}
+MODES = ("full", "lora", "l_lora", "ntk", *LINEAR_ONLY_MODES)
 
 PRESETS = {
     "clip-paper": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, scheduler="cosine", warmup_steps=600,
@@ -35,8 +41,8 @@ PRESETS = {
     "flan-t5-paper": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="constant", warmup_steps=0,
                           steps=2000, batch_size=16, max_grad_norm=None,
                           lr_grid={"full": (1e-5, 2e-5), "default": (1e-5, 2e-5, 3e-5, 4e-5)}),
-    "embedded": dict(optimizer="adamw", lr={"full": 1e-4, "linear_only": 1e-4, "ntk": 1e-4, "l_lora": 6e-3,
-                                            "default": 3e-3},
+    "embedded": dict(optimizer="adamw", lr={"full": 1e-4, "ntk": 1e-4, "l_lora": 6e-3, "default": 3e-3,
+                                            **{m: 1e-4 for m in LINEAR_ONLY_MODES}},
                      weight_decay=0.0, scheduler="cosine", warmup_steps=5, steps=50, batch_size=16,
                      max_grad_norm=1.0, max_length=32),
     "tiny": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, scheduler="constant", warmup_steps=0, steps=2,
@@ -200,8 +206,9 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
                              "run inside the model, not on the linearized outputs); use full, lora, l_lora or linear_only.")
         _set_trainable(m.backbone, True)
         m.backbone = LinearizedModelWrapper(m.backbone)
-    elif mode == "linear_only":
-        linear_layers_only(m.backbone)
+    elif mode in LINEAR_ONLY_MODES:
+        patterns, bias = LINEAR_ONLY_MODES[mode]
+        linear_layers_only(m.backbone, patterns, bias=bias)
     m.llora_mode, m.llora_seed = mode, seed
     m.llora_lora_kw = dict(lora_kw)
     m.llora_theta0 = {n: p.detach().clone() for n, p in m.trainable_state_dict().items()}

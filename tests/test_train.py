@@ -26,7 +26,7 @@ def backbone_params(name):
 
 
 def test_presets_and_modes():
-    assert MODES == ("full", "lora", "l_lora", "ntk", "linear_only")
+    assert MODES == ("full", "lora", "l_lora", "ntk", "linear_only", "linear_only_bias", "linear_all", "linear_all_bias")
     assert {"clip-paper", "flan-t5-paper", "embedded", "tiny"} <= set(PRESETS)
     clip = resolve_hparams("clip-paper", "lora")
     assert (clip["optimizer"], clip["lr"], clip["weight_decay"], clip["scheduler"], clip["warmup_steps"],
@@ -66,8 +66,9 @@ def test_prepare_trainable_parameters(name):
             assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
             assert any(".lora_A." in n for n in names)
         elif mode == "l_lora": assert names and all(".lora_B." in n for n in names)
-        elif mode == "linear_only":
+        elif mode in ("linear_only", "linear_all"):
             assert names < full and all(n.endswith("weight") for n in names)
+        elif mode in ("linear_only_bias", "linear_all_bias"): assert names < full
         assert m.llora_mode == mode
 
 
@@ -166,3 +167,20 @@ def test_training_progress_reaches_a_non_terminal_stderr(capsys, monkeypatch):
     monkeypatch.setenv("LLORA_PROGRESS", "0")
     train(m, TOY, resolve_hparams("tiny", "lora", steps=2, batch_size=2), device="cpu", desc="bar-check")
     assert "bar-check" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["minilm-l6", "clip-vit-b-16-hf", "clip-vit-b-16-openclip", "flan-t5-base"])
+def test_linear_only_ablation_selects_exactly_the_named_parameters(name):
+    "Issue 17: the seed's Table 2 ablation — QKVO weights ⊂ + biases ⊂ all linear + biases; all linear adds MLP weights only."
+    import re
+    sets = {mode: set(prepare(name, mode, tiny=True).trainable_state_dict())
+            for mode in ("linear_only", "linear_only_bias", "linear_all", "linear_all_bias")}
+    qkvo, qkvo_b, every, every_b = (sets[m] for m in ("linear_only", "linear_only_bias", "linear_all", "linear_all_bias"))
+    assert qkvo < every <= every_b and qkvo <= qkvo_b <= every_b
+    assert all(n.endswith("weight") for n in qkvo | every)
+    assert all(n.endswith("bias") for n in qkvo_b - qkvo) and all(n.endswith("bias") for n in every_b - every)
+    mlp = re.compile(r"(intermediate\.dense|\.output\.dense|mlp\.(fc1|fc2|c_fc|c_proj)|DenseReluDense\.wi(_0|_1)?|DenseReluDense\.wo)\.weight$")
+    assert (every - qkvo) and all(mlp.search(n) and "attention.output" not in n for n in every - qkvo), sorted(every - qkvo)[:4]
+    assert not any(re.search(r"(embed|norm|LayerNorm|ln_|pooler|conv1|patch)", n) for n in every_b)
+    if name == "flan-t5-base": assert qkvo_b == qkvo and every_b == every  # T5 has no biases
+    else: assert qkvo_b - qkvo and every_b - every
