@@ -10,14 +10,15 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .core import progress
 from .task_vectors import KeyMismatchError, TaskVector, check_compatible
 
 # %% auto #0
 __all__ = ['DENSE_KTH_MAX', 'TRIM_RULES', 'SCOPES', 'COMBINES', 'SIGN_TIES', 'METHODS', 'HPARAM_GRIDS', 'LORA_FACTOR_METHODS',
            'kth_largest_magnitude', 'keep_count', 'drop_and_rescale', 'dare_drop', 'merge', 'register_method', 'fuse',
-           'simple_average', 'task_arithmetic', 'ties', 'dense_ties_reference', 'ties_statistics', 'lorahub', 'dare',
-           'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts', 'lora_expansion_point', 'lora_factors', 'knots',
-           'core_space']
+           'simple_average', 'task_arithmetic', 'ties', 'dense_ties_reference', 'ties_statistics', 'lorahub',
+           'adamerging', 'fisher', 'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts',
+           'lora_expansion_point', 'lora_factors', 'knots', 'core_space']
 
 # %% ../nbs/03_fusion.ipynb #18bb7674
 _DIGIT = 16  # bits per radix pass (histogram of 65,536 bins)
@@ -510,6 +511,69 @@ def lorahub(task_vectors:Sequence[TaskVector], # task vectors (LoRA modules) to 
         weights = np.asarray(opt.minimize(objective).value, dtype=float)
     return merge(tvs, weights=weights), weights
 
+# %% ../nbs/03_fusion.ipynb #aad7b02e
+def _lambdas(tvs:list, granularity:str, init:float, where:str) -> torch.Tensor:
+    if granularity not in ("task", "layer"): raise ValueError(f"{where}: granularity must be 'task' or 'layer', got {granularity!r}")
+    shape = (len(tvs),) if granularity == "task" else (len(tvs), len(tvs[0]))
+    return torch.full(shape, _finite(init, "init", where), dtype=torch.float32)
+
+def _combine(tvs:list, lam:torch.Tensor) -> dict:
+    "Σ_i λ_i τ_i (one λ per task, or per task and tensor), differentiable in λ."
+    keys = list(tvs[0])
+    def coef(i, j): return lam[i] if lam.dim() == 1 else lam[i, j]
+    return {k: sum(coef(i, j).to(tv[k].dtype) * tv[k] for i, tv in enumerate(tvs)) for j, k in enumerate(keys)}
+
+@register_method("adamerging")
+def adamerging(task_vectors:Sequence[TaskVector], # task vectors to merge
+               objective:Callable, # objective(merged: dict name -> tensor) -> scalar tensor, e.g. `MergeContext.entropy`
+               granularity:str="task", # "task": one λ per task; "layer": one per task and parameter tensor
+               init:float=0.3, # the starting λ (the paper's prior)
+               steps:int=100, # Adam steps (the paper: 500 on full test sets)
+               lr:float=1e-3, # Adam learning rate (the paper's)
+               show_progress:bool=False, # a progress bar over the steps
+              ) -> tuple:
+    "AdaMerging: λ minimizing `objective` (prediction entropy) of Σ λ τ; returns (merged TaskVector, λ as a tensor)."
+    where = "adamerging"
+    tvs = [TaskVector({k: v.detach() for k, v in tv.items()}, check=False) for tv in _task_vectors(task_vectors, where)]
+    if not callable(objective): raise ValueError(f"{where}: objective must be callable (merged tensors -> scalar tensor)")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"{where}: steps must be an integer >= 0, got {steps!r}")
+    lr = _finite(lr, "lr", where)
+    lam = _lambdas(tvs, granularity, init, where).to(next(iter(tvs[0].values())).device).requires_grad_(True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    for _ in progress(range(int(steps)), desc=where, disable=not show_progress or None, leave=False):
+        loss = objective(_combine(tvs, lam))
+        if not (torch.is_tensor(loss) and loss.requires_grad and loss.numel() == 1):
+            raise ValueError(f"{where}: objective must return a scalar tensor that depends on the merged tensors")
+        if not torch.isfinite(loss): raise ValueError(f"{where}: objective returned {float(loss)} at λ={lam.detach().tolist()}")
+        opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): lam.clamp_(0.0, 1.0)
+    lam = lam.detach()
+    return TaskVector({k: v.detach() for k, v in _combine(tvs, lam).items()}), lam
+
+@register_method("fisher")
+def fisher(task_vectors:Sequence[TaskVector], # task vectors to merge
+           fishers:Sequence[Mapping], # one diagonal Fisher per task (same names and shapes), e.g. `MergeContext.fishers`
+           scaling:float=1.0, # lambda applied to the merged vector
+           eps:float=1e-8, # added to every Fisher entry: entries no task informs get the plain average
+          ) -> TaskVector:
+    "Fisher merging: Σ_i F_i τ_i / Σ_i F_i per entry (Matena & Raffel 2022), times `scaling`."
+    where = "fisher"
+    tvs = _task_vectors(task_vectors, where)
+    fs = _task_vectors(fishers, f"{where}: fishers")
+    if len(fs) != len(tvs): raise ValueError(f"{where}: {len(fs)} Fishers for {len(tvs)} task vectors")
+    if set(fs[0]) != set(tvs[0]): raise ValueError(f"{where}: the Fishers' names differ from the task vectors'")
+    if any(fs[0][k].shape != tvs[0][k].shape for k in tvs[0]): raise ValueError(f"{where}: Fisher and task-vector shapes differ")
+    if any(bool((f[k] < 0).any()) for f in fs for k in f): raise ValueError(f"{where}: a Fisher has negative entries")
+    scaling, eps = _finite(scaling, "scaling", where), _finite(eps, "eps", where)
+    if eps <= 0: raise ValueError(f"{where}: eps must be > 0, got {eps}")
+    out = {}
+    for k in tvs[0]:
+        w = [f[k].to(tvs[0][k]) + eps for f in fs]
+        out[k] = scaling * sum(wi * tv[k] for wi, tv in zip(w, tvs)) / sum(w)
+    return TaskVector(out)
+
+
 # %% ../nbs/03_fusion.ipynb #d4e1b002
 @register_method("dare")
 def dare(task_vectors:Sequence[TaskVector], # task vectors to merge
@@ -795,5 +859,7 @@ HPARAM_GRIDS: dict[str, list[dict]] = {
               for s in np.linspace(0, 1, 5)],
     "core_space": [{"merge_with": "ties", "k": k, "scaling": round(float(s), 4)} for k in (0.25, 0.5, 0.75, 1.0)
                    for s in np.linspace(0, 1, 5)],
+    "adamerging": [{"granularity": "task"}, {"granularity": "layer"}],  # λ learned: nothing else to sweep
+    "fisher": [{}],
 }
 LORA_FACTOR_METHODS = ("knots", "core_space")  # they take `lora_factors` task vectors and a `scale`

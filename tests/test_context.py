@@ -1,0 +1,81 @@
+"""`llora.context.MergeContext` with AdaMerging and Fisher merging, for every model family and fine-tuning mode."""
+import os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llora.context import MergeContext
+from llora.fusion import fuse
+from llora.task_vectors import TaskVector
+from llora.tasks import Task
+from llora.train import prepare, theta0
+
+_rng = np.random.default_rng(0)
+PICTURES = [{"image": Image.fromarray(_rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)), "label": i % 2} for i in range(6)]
+
+
+def tasks_for(family):
+    "Two small tasks the family serves (images for CLIP, text otherwise)."
+    def text(name, words):
+        ex = [{"text": f"{w} number {i}", "label": k} for i in range(3) for k, w in enumerate(words)]
+        return Task(name, classes=["no", "yes"], label_descriptions=list(words), loader=lambda t, s: list(ex))
+    if family == "clip":
+        return [Task(f"ctx-img-{i}", classes=["circle", "square"], templates=["a photo of a {c}."], modality="image",
+                     loader=lambda t, s, i=i: PICTURES[i::2] + PICTURES[:2]) for i in range(2)]
+    return [text("ctx-t-a", ["bad film", "good film"]), text("ctx-t-b", ["sad song", "happy song"])]
+
+
+def random_tvs(m, n=2, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [TaskVector({k: torch.randn(v.shape, generator=g) * scale for k, v in theta0(m).items()}) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name, family", [("minilm-l6", "text"), ("clip-vit-b-16-hf", "clip"), ("flan-t5-base", "text")])
+@pytest.mark.parametrize("mode", ["full", "lora", "l_lora"])
+def test_adamerging_and_fisher_on_every_family_and_mode(name, family, mode):
+    m = prepare(name, mode, tiny=True)
+    tvs = random_tvs(m)
+    ctx = MergeContext(m, tasks_for(family), n_examples=6, batch_size=6)
+    start = {k: (0.3 * tvs[0][k] + 0.3 * tvs[1][k]).requires_grad_(True) for k in tvs[0]}
+    h0 = ctx.entropy(start)
+    assert h0.dim() == 0 and torch.isfinite(h0) and h0.requires_grad
+    merged, lam = fuse("adamerging", tvs, objective=ctx.entropy, steps=8, lr=5e-2)
+    assert lam.shape == (2,) and bool(((lam >= 0) & (lam <= 1)).all())
+    h0.backward()
+    got = [v.grad is not None for v in start.values()]  # differentiable in the task vector (full: unused params excepted)
+    assert all(got) if mode != "full" else any(got)
+    assert float(ctx.entropy(merged)) <= float(h0) + 1e-6  # one batch per task: a deterministic objective, descended
+    fs = ctx.fishers(tvs)
+    assert all(set(f) == set(tv) and all(f[k].shape == tv[k].shape and bool((f[k] >= 0).all()) for k in f)
+               for f, tv in zip(fs, tvs))
+    assert any(float(f[k].sum()) > 0 for f in fs for k in f)
+    fm = fuse("fisher", tvs, fishers=fs)
+    assert all(torch.isfinite(v).all() for v in fm.values())
+
+
+def test_layer_wise_and_determinism():
+    m = prepare("minilm-l6", "lora", tiny=True)
+    tvs = random_tvs(m)
+    runs = [fuse("adamerging", tvs, objective=MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6).entropy,
+                 granularity="layer", steps=4, lr=5e-2)[1] for _ in range(2)]
+    assert runs[0].shape == (2, len(tvs[0])) and torch.equal(runs[0], runs[1])
+
+
+def test_model_left_as_it_was():
+    "The context only reads the model: parameters and training mode are unchanged afterwards."
+    m = prepare("minilm-l6", "lora", tiny=True)
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    m.train()
+    ctx = MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6)
+    tvs = random_tvs(m)
+    fuse("adamerging", tvs, objective=ctx.entropy, steps=2); ctx.fishers(tvs)
+    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="not built by `prepare`"):
+        from llora.models import get_model
+        MergeContext(get_model("minilm-l6", tiny=True), tasks_for("text"))
