@@ -17,7 +17,7 @@ from .task_vectors import KeyMismatchError, TaskVector, check_compatible
 __all__ = ['DENSE_KTH_MAX', 'TRIM_RULES', 'SCOPES', 'COMBINES', 'SIGN_TIES', 'METHODS', 'HPARAM_GRIDS', 'LORA_FACTOR_METHODS',
            'kth_largest_magnitude', 'keep_count', 'drop_and_rescale', 'dare_drop', 'merge', 'register_method', 'fuse',
            'simple_average', 'task_arithmetic', 'ties', 'dense_ties_reference', 'ties_statistics', 'lorahub',
-           'adamerging', 'fisher', 'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts',
+           'adamerging', 'fisher', 'regmean', 'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts',
            'lora_expansion_point', 'lora_factors', 'knots', 'core_space']
 
 # %% ../nbs/03_fusion.ipynb #18bb7674
@@ -573,6 +573,32 @@ def fisher(task_vectors:Sequence[TaskVector], # task vectors to merge
         out[k] = scaling * sum(wi * tv[k] for wi, tv in zip(w, tvs)) / sum(w)
     return TaskVector(out)
 
+@register_method("regmean")
+def regmean(task_vectors:Sequence[TaskVector], # task vectors to merge
+            grams:Sequence[Mapping], # one dict per task: weight name -> input Gram matrix (in × in), e.g. `MergeContext.grams`
+            alpha:float=0.95, # off-diagonal entries of every Gram multiplied by this (1: none)
+            scaling:float=1.0, # lambda applied to the merged vector
+           ) -> TaskVector:
+    "RegMean: per linear weight (Σ τ_i G_i)(Σ G_i)⁻¹ from the input Gram matrices; other tensors averaged; times `scaling`."
+    where = "regmean"
+    tvs = _task_vectors(task_vectors, where)
+    if isinstance(grams, Mapping) or len(grams) != len(tvs): raise ValueError(f"{where}: pass one Gram dict per task vector ({len(tvs)})")
+    alpha, scaling = _finite(alpha, "alpha", where), _finite(scaling, "scaling", where)
+    if not 0 <= alpha <= 1: raise ValueError(f"{where}: alpha must be in [0, 1], got {alpha}")
+    keys = set(grams[0])
+    if any(set(g) != keys for g in grams): raise ValueError(f"{where}: the Gram dicts name different weights")
+    unknown = sorted(keys - set(tvs[0]))
+    if unknown: raise ValueError(f"{where}: Grams for {unknown[:3]}, which the task vectors lack")
+    out = {}
+    for k, v in tvs[0].items():
+        if k not in keys: out[k] = scaling * sum(tv[k] for tv in tvs) / len(tvs); continue
+        if v.dim() != 2 or any(tuple(g[k].shape) != (v.shape[1], v.shape[1]) for g in grams):
+            raise ValueError(f"{where}: {k!r} is {tuple(v.shape)}; its Grams must be ({v.shape[1]}, {v.shape[1]})")
+        G = [g[k].to(v) * alpha + torch.diag(torch.diagonal(g[k].to(v))) * (1 - alpha) for g in grams]
+        rhs = sum(tv[k] @ Gi for tv, Gi in zip(tvs, G))  # Σ τ_i G_i  (out × in)
+        out[k] = scaling * torch.linalg.solve(sum(G), rhs.T).T  # (Σ G)⁻¹ symmetric: X (ΣG) = rhs
+    return TaskVector(out)
+
 
 # %% ../nbs/03_fusion.ipynb #d4e1b002
 @register_method("dare")
@@ -861,5 +887,6 @@ HPARAM_GRIDS: dict[str, list[dict]] = {
                    for s in np.linspace(0, 1, 5)],
     "adamerging": [{"granularity": "task"}, {"granularity": "layer"}],  # λ learned: nothing else to sweep
     "fisher": [{}],
+    "regmean": [{}],
 }
 LORA_FACTOR_METHODS = ("knots", "core_space")  # they take `lora_factors` task vectors and a `scale`

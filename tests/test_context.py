@@ -79,3 +79,27 @@ def test_bad_input():
     with pytest.raises(ValueError, match="not built by `prepare`"):
         from llora.models import get_model
         MergeContext(get_model("minilm-l6", tiny=True), tasks_for("text"))
+
+
+@pytest.mark.parametrize("name, family", [("minilm-l6", "text"), ("clip-vit-b-16-hf", "clip"), ("flan-t5-base", "text")])
+@pytest.mark.parametrize("mode", ["full", "linear_only"])
+def test_regmean_grams(name, family, mode):
+    "Grams of every linear weight (symmetric, positive semi-definite, in × in); one task twice merges to itself."
+    m = prepare(name, mode, tiny=True)
+    tvs = random_tvs(m, scale=0.02)
+    grams = MergeContext(m, tasks_for(family), n_examples=6, batch_size=6).grams(tvs)
+    assert grams[0] and set(grams[0]) == set(grams[1]) <= set(tvs[0])
+    for k, G in grams[0].items():
+        assert G.shape == (tvs[0][k].shape[1],) * 2 and torch.allclose(G, G.T, atol=1e-5)
+        assert float(torch.linalg.eigvalsh(G.double()).min()) > -1e-4
+    merged = fuse("regmean", tvs, grams=grams)
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    same = fuse("regmean", [tvs[0], tvs[0]], grams=[grams[0], grams[0]])
+    k = next(iter(grams[0]))
+    torch.testing.assert_close(same[k], tvs[0][k], rtol=1e-3, atol=1e-4)
+
+
+def test_regmean_refuses_lora_task_vectors():
+    m = prepare("minilm-l6", "lora", tiny=True)
+    with pytest.raises(ValueError, match="LoRA task vectors"):
+        MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6).grams(random_tvs(m))

@@ -428,3 +428,38 @@ def test_adapters_is_linear_must_not_take_per_matrix_svd_merges_for_linear():
     assert not is_linear("dare", 3)
     for name in ("tsv_m", "iso_c", "iso_cts"):
         assert not is_linear(name, 3), name
+
+
+def test_fisher_against_fusionbench_itself():
+    """Fisher merging: FusionBench's `merging_with_fisher_weights` on the fine-tuned parameters θ_i = θ0 + τ_i equals
+    θ0 + `fuse("fisher")` when its per-model Fisher-norm normalization is off (`normalize_fisher_weight=False`; the
+    paper's formula, which llora implements) and its floor is llora's `eps`."""
+    fm = _fusionbench("fusion_bench.method.fisher_merging.fisher_merging")
+    tvs = rand_tvs(3, seed=42, dtype=torch.float64)
+    g = torch.Generator().manual_seed(43)
+    fishers = [{k: torch.rand(v.shape, generator=g, dtype=torch.float64) ** 3 for k, v in tvs[0].items()} for _ in tvs]
+    theta0 = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in tvs[0].items()}
+    params = {k: [theta0[k] + tv[k] for tv in tvs] for k in theta0}
+    theirs = fm.merging_with_fisher_weights(params, fishers, torch.ones(len(tvs), dtype=torch.float64),
+                                            normalize_fisher_weight=False, minimal_fisher_weight=1e-6)
+    ours = fuse("fisher", tvs, fishers=fishers, eps=1e-6)
+    for k in theta0: torch.testing.assert_close(theirs[k], theta0[k] + ours[k], rtol=1e-10, atol=1e-10)
+
+
+def test_regmean_against_fusionbench_itself():
+    """RegMean: FusionBench's `merging_with_regmean_weights` on θ_i = θ0 + τ_i (Grams keyed by module name, its
+    `reduce_non_diagonal_ratio` = llora's `alpha`) equals θ0 + `fuse("regmean")`; tensors without a Gram are averaged."""
+    rm = _fusionbench("fusion_bench.method.regmean.regmean")
+    g = torch.Generator().manual_seed(44)
+    tvs = [TaskVector({"l.weight": torch.randn(5, 4, generator=g, dtype=torch.float64),
+                       "l.bias": torch.randn(5, generator=g, dtype=torch.float64)}) for _ in range(3)]
+    grams = []
+    for _ in tvs:
+        X = torch.randn(20, 4, generator=g, dtype=torch.float64)
+        grams.append({"l.weight": X.T @ X})
+    theta0 = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in tvs[0].items()}
+    params = {k: [theta0[k] + tv[k] for tv in tvs] for k in theta0}
+    theirs = rm.merging_with_regmean_weights(params, [{"l": G["l.weight"]} for G in grams], reduce_non_diagonal_ratio=0.9)
+    ours = fuse("regmean", tvs, grams=grams, alpha=0.9)
+    # the same formula; FusionBench inverts Σ G explicitly where llora solves: float64 rounding of the two, ~1e-8
+    for k in theta0: torch.testing.assert_close(theirs[k], theta0[k] + ours[k], rtol=1e-6, atol=1e-7)
