@@ -17,8 +17,9 @@ from .task_vectors import KeyMismatchError, TaskVector, check_compatible
 __all__ = ['DENSE_KTH_MAX', 'TRIM_RULES', 'SCOPES', 'COMBINES', 'SIGN_TIES', 'METHODS', 'HPARAM_GRIDS', 'LORA_FACTOR_METHODS',
            'kth_largest_magnitude', 'keep_count', 'drop_and_rescale', 'dare_drop', 'merge', 'register_method', 'fuse',
            'simple_average', 'task_arithmetic', 'ties', 'dense_ties_reference', 'ties_statistics', 'lorahub',
-           'adamerging', 'fisher', 'regmean', 'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts',
-           'lora_expansion_point', 'lora_factors', 'knots', 'core_space']
+           'adamerging', 'fisher', 'regmean', 'concrete_mask', 'concrete_task_arithmetic', 'concrete_adamerging',
+           'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts', 'lora_expansion_point', 'lora_factors',
+           'knots', 'core_space']
 
 # %% ../nbs/03_fusion.ipynb #18bb7674
 _DIGIT = 16  # bits per radix pass (histogram of 65,536 bins)
@@ -600,6 +601,88 @@ def regmean(task_vectors:Sequence[TaskVector], # task vectors to merge
     return TaskVector(out)
 
 
+# %% ../nbs/03_fusion.ipynb #3012f33b
+def concrete_mask(logits:torch.Tensor, # logits ℓ of the keep probabilities σ(ℓ)
+                  temperature:float, # T > 0: the smaller, the closer to a binary sample
+                  generator:torch.Generator|None=None, # seeds u
+                 ) -> torch.Tensor:
+    "A binary Concrete (relaxed Bernoulli) sample σ((ℓ + log u − log(1−u)) / T), u ~ U(0, 1), differentiable in ℓ."
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device).clamp_(1e-6, 1 - 1e-6)
+    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+
+def _learn_mask(tvs:list, objective:Callable, lam:torch.Tensor|None, scaling:float, temperature:float, steps:int,
+                lr:float, lambda_lr:float, init_keep:float, seed:int, where:str, show_progress:bool) -> tuple[dict, torch.Tensor|None]:
+    "Learn the shared mask logits (and AdaMerging's λ when given) by entropy descent; return (binary mask, λ)."
+    if not (isinstance(temperature, numbers.Real) and temperature > 0): raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
+    if not 0 < init_keep < 1: raise ValueError(f"{where}: init_keep must be in (0, 1), got {init_keep!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"{where}: steps must be an integer >= 0, got {steps!r}")
+    if not callable(objective): raise ValueError(f"{where}: objective must be callable (merged tensors -> scalar tensor)")
+    logits = {k: torch.full(v.shape, math.log(init_keep / (1 - init_keep)), device=v.device, requires_grad=True)
+              for k, v in tvs[0].items()}
+    groups = [{"params": list(logits.values()), "lr": _finite(lr, "lr", where)}]
+    if lam is not None: lam.requires_grad_(True); groups.append({"params": [lam], "lr": _finite(lambda_lr, "lambda_lr", where)})
+    opt, gen = torch.optim.Adam(groups), torch.Generator().manual_seed(int(seed))
+    for _ in progress(range(int(steps)), desc=where, disable=not show_progress or None, leave=False):
+        mask = {k: concrete_mask(l, temperature, gen) for k, l in logits.items()}
+        masked = [{k: mask[k].to(tv[k].dtype) * tv[k] for k in tv} for tv in tvs]
+        merged = (_combine(masked, lam) if lam is not None else
+                  {k: scaling * sum(m[k] for m in masked) for k in tvs[0]})
+        loss = objective(merged)
+        if not (torch.is_tensor(loss) and loss.requires_grad and loss.numel() == 1):
+            raise ValueError(f"{where}: objective must return a scalar tensor that depends on the merged tensors")
+        opt.zero_grad(); loss.backward(); opt.step()
+        if lam is not None:
+            with torch.no_grad(): lam.clamp_(0.0, 1.0)
+    hard = {k: (torch.sigmoid(l.detach()) > 0.5).to(tvs[0][k].dtype) for k, l in logits.items()}
+    return hard, (lam.detach() if lam is not None else None)
+
+def _detached(task_vectors, where) -> list:
+    return [TaskVector({k: v.detach() for k, v in tv.items()}, check=False) for tv in _task_vectors(task_vectors, where)]
+
+@register_method("concrete_task_arithmetic")
+def concrete_task_arithmetic(task_vectors:Sequence[TaskVector], # task vectors to merge
+                             objective:Callable, # objective(merged) -> scalar tensor, e.g. `MergeContext.entropy`
+                             scaling:float=0.3, # λ of task arithmetic inside the mask
+                             temperature:float=0.5, # Concrete temperature while learning the mask
+                             steps:int=100, # mask-learning steps
+                             lr:float=1e-2, # Adam learning rate of the mask logits
+                             init_keep:float=0.95, # initial keep probability of every entry
+                             seed:int=0, # seeds the Concrete samples
+                             show_progress:bool=False, # a progress bar over the steps
+                            ) -> tuple:
+    "Concrete Task Arithmetic: λ Σ_i m ⊙ τ_i with a shared binary mask m learned on `objective`; returns (TaskVector, m)."
+    where = "concrete_task_arithmetic"
+    tvs = _detached(task_vectors, where)
+    scaling = _finite(scaling, "scaling", where)
+    mask, _ = _learn_mask(tvs, objective, None, scaling, temperature, steps, lr, 0.0, init_keep, seed, where, show_progress)
+    return TaskVector({k: scaling * mask[k] * sum(tv[k] for tv in tvs) for k in tvs[0]}), mask
+
+@register_method("concrete_adamerging")
+def concrete_adamerging(task_vectors:Sequence[TaskVector], # task vectors to merge
+                        objective:Callable, # objective(merged) -> scalar tensor, e.g. `MergeContext.entropy`
+                        granularity:str="task", # AdaMerging's λ: one per task, or per task and tensor ("layer")
+                        temperature:float=0.5, # Concrete temperature while learning the mask
+                        steps:int=100, # joint mask and λ steps
+                        lr:float=1e-2, # Adam learning rate of the mask logits
+                        lambda_lr:float=1e-3, # Adam learning rate of λ (AdaMerging's)
+                        ada_steps:int=100, # AdaMerging steps inside the binary mask afterwards
+                        init:float=0.3, # AdaMerging's starting λ
+                        init_keep:float=0.95, # initial keep probability of every entry
+                        seed:int=0, # seeds the Concrete samples
+                        show_progress:bool=False, # progress bars
+                       ) -> tuple:
+    "Concrete AdaMerging: a shared mask learned with AdaMerging's λ, then AdaMerging on m ⊙ τ_i; returns (TaskVector, λ, m)."
+    where = "concrete_adamerging"
+    tvs = _detached(task_vectors, where)
+    lam = _lambdas(tvs, granularity, init, where).to(next(iter(tvs[0].values())).device)
+    mask, _ = _learn_mask(tvs, objective, lam, 1.0, temperature, steps, lr, lambda_lr, init_keep, seed, where, show_progress)
+    masked = [TaskVector({k: mask[k] * tv[k] for k in tv}, check=False) for tv in tvs]
+    merged, lam = adamerging(masked, objective, granularity=granularity, init=init, steps=ada_steps, lr=lambda_lr,
+                             show_progress=show_progress)
+    return merged, lam, mask
+
+
 # %% ../nbs/03_fusion.ipynb #d4e1b002
 @register_method("dare")
 def dare(task_vectors:Sequence[TaskVector], # task vectors to merge
@@ -888,5 +971,7 @@ HPARAM_GRIDS: dict[str, list[dict]] = {
     "adamerging": [{"granularity": "task"}, {"granularity": "layer"}],  # λ learned: nothing else to sweep
     "fisher": [{}],
     "regmean": [{}],
+    "concrete_task_arithmetic": [{"scaling": round(float(s), 4)} for s in np.linspace(0, 1, 5)],
+    "concrete_adamerging": [{"granularity": "task"}, {"granularity": "layer"}],
 }
 LORA_FACTOR_METHODS = ("knots", "core_space")  # they take `lora_factors` task vectors and a `scale`

@@ -103,3 +103,16 @@ def test_regmean_refuses_lora_task_vectors():
     m = prepare("minilm-l6", "lora", tiny=True)
     with pytest.raises(ValueError, match="LoRA task vectors"):
         MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6).grams(random_tvs(m))
+
+
+@pytest.mark.parametrize("mode", ["lora", "l_lora", "full"])
+def test_concrete_methods_run_on_a_model(mode):
+    "The seed's Concrete Task Arithmetic and Concrete AdaMerging through MergeContext.entropy: binary masks over every tensor."
+    m = prepare("minilm-l6", mode, tiny=True)
+    tvs = random_tvs(m)
+    ctx = MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6)
+    merged, mask = fuse("concrete_task_arithmetic", tvs, objective=ctx.entropy, steps=3, lr=0.1)
+    assert set(mask) == set(tvs[0]) and all(bool(((v == 0) | (v == 1)).all()) for v in mask.values())
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    merged, lam, mask = fuse("concrete_adamerging", tvs, objective=ctx.entropy, steps=3, ada_steps=3, lr=0.1)
+    assert lam.shape == (2,) and all(torch.isfinite(v).all() for v in merged.values())

@@ -220,7 +220,7 @@ def test_error_paths():
     tvs = rand_tvs(2)
     other = TaskVector({k: v for k, v in tvs[1].items() if k != "scalar"})
     cases = [
-        (lambda: fuse("nope", tvs), ValueError, "valid methods: adamerging, core_space, dare, dare_ties, fisher, iso_c, iso_cts, knots, lorahub, regmean, simple_average, task_arithmetic, ties, tsv_m"),
+        (lambda: fuse("nope", tvs), ValueError, "valid methods: adamerging, concrete_adamerging, concrete_task_arithmetic, core_space, dare, dare_ties, fisher, iso_c, iso_cts, knots, lorahub, regmean, simple_average, task_arithmetic, ties, tsv_m"),
         (lambda: fuse("ties", tvs, lam=1), ValueError, "unknown hyperparameter"),
         (lambda: fuse("task_arithmetic", tvs, k=0.5), ValueError, "valid: scaling"),
         (lambda: fuse("ties", tvs, k=0.0), ValueError, r"\(0, 1\]"),
