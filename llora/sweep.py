@@ -16,13 +16,13 @@ import pandas as pd
 from .core import atomic_write_text, is_offline, progress, save_csv
 
 # %% auto #0
-__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES',
-           'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor', 'forwarded_env',
-           'RayExecutor', 'get_executor', 'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode',
-           'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit', 'single_unit', 'mean_normalized',
-           'FusionUnit', 'fusion_unit', 'FinetuneJob', 'finetune_job', 'ensure_checkpoints', 'SweepResult',
-           'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup', 'resolve_profile', 'parse_pairs',
-           'profile_models', 'MissingInputsError', 'check_available']
+__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS',
+           'PROFILES', 'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor',
+           'forwarded_env', 'RayExecutor', 'get_executor', 'canonical_json', 'key_hash', 'ShardStore', 'run_sweep',
+           'result_mode', 'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit', 'single_unit',
+           'mean_normalized', 'FusionUnit', 'merge_inputs', 'fusion_unit', 'FinetuneJob', 'finetune_job',
+           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup',
+           'resolve_profile', 'parse_pairs', 'profile_models', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -479,6 +479,34 @@ def _rows(s:FusionSetup, method:str, subset, hp:dict, split:str, scores:dict) ->
 def _lorahub_hparams(weights) -> dict:
     return {"weights": [round(float(w), 6) for w in np.asarray(weights, dtype=float).ravel()]}
 
+DATA_DRIVEN = {"adamerging": "objective", "concrete_task_arithmetic": "objective", "concrete_adamerging": "objective",
+               "fisher": "fishers", "regmean": "grams"}  # method -> what it reads from `llora.context.MergeContext`
+
+def merge_inputs(s:FusionSetup, # the sweep's setup (its model is the context's)
+                 subset:Sequence[str], # the merged tasks, in the task vectors' order
+                 parts:list, # their task vectors
+                 method:str, # a key of `DATA_DRIVEN`
+                 split:str, # where the (unlabeled) inputs come from: the selection split
+                ) -> dict:
+    "What a data-driven method reads for one subset, from a `MergeContext` on `split` (labels never read)."
+    from llora.context import MergeContext
+    m, _ = s.context()
+    ctx = MergeContext(m, list(subset), split=split, n_examples=s.max_examples(split) or 64,
+                       batch_size=min(s.batch_size, 16), data_root=s.data_root)
+    what = DATA_DRIVEN[method]
+    if what == "objective": return {"objective": ctx.entropy}
+    return {what: ctx.fishers(parts) if what == "fishers" else ctx.grams(parts)}
+
+def _learned(out) -> tuple:
+    "(task vector, what it learned) of a method's result: a TaskVector, or (TaskVector, λ and / or a binary mask)."
+    if not isinstance(out, tuple): return out, {}
+    rec = {}
+    for x in out[1:]:
+        if torch.is_tensor(x): rec["lambdas"] = [round(float(v), 6) for v in x.flatten().tolist()]
+        elif isinstance(x, dict):  # a Concrete mask: the share of entries it keeps
+            rec["kept"] = round(sum(float(v.sum()) for v in x.values()) / sum(v.numel() for v in x.values()), 6)
+    return out[0], rec
+
 def fusion_unit(u:FusionUnit) -> list[dict]:
     "Fuse one subset at every grid point, score on the selection split, score the selected point on test: tidy rows."
     s = u.setup
@@ -487,6 +515,7 @@ def fusion_unit(u:FusionUnit) -> list[dict]:
     sel = "test" if u.select_on == "test" else "validation"
     parts = [tvs[t] for t in u.subset]
     kw = json.loads(u.method_kwargs)
+    if u.method in DATA_DRIVEN: kw.update(merge_inputs(s, u.subset, parts, u.method, sel))
     rows, best = [], None
     if u.method == "lorahub":
         loss = lambda tv: 1.0 - mean_normalized(s.scores(tv, sel), refs[sel])
@@ -495,12 +524,12 @@ def fusion_unit(u:FusionUnit) -> list[dict]:
         rows += _rows(s, u.method, u.subset, hp, sel, sc)
         best = (hp, tv)
     elif len(u.grid) == 1:  # nothing to select (e.g. simple average): straight to test
-        hp = json.loads(u.grid[0]); best = (hp, fuse(u.method, parts, **hp, **kw))
+        hp = json.loads(u.grid[0]); tv, learned = _learned(fuse(u.method, parts, **hp, **kw)); best = ({**hp, **learned}, tv)
     else:
         best_val = -math.inf
         for g in u.grid:
-            hp = json.loads(g)
-            tv = fuse(u.method, parts, **hp, **kw)
+            tv, learned = _learned(fuse(u.method, parts, **json.loads(g), **kw))
+            hp = {**json.loads(g), **learned}
             sc = s.scores(tv, sel)
             rows += _rows(s, u.method, u.subset, hp, sel, sc)
             v = mean_normalized(sc, refs[sel])

@@ -226,3 +226,24 @@ def test_single_grid_point_goes_straight_to_test(monkeypatch):
         calls.clear()
         rows = S.fusion_unit(S.FusionUnit(setup, "simple_average", tasks, ("{}",), sel, refs))
         assert calls == ["test"] and [r["split"] for r in rows] == ["test", "test"]
+
+
+# ---------------------------------------------------------------- data-driven methods in the sweep (issue 13)
+def test_data_driven_methods_in_a_sweep(tmp_path, monkeypatch):
+    """AdaMerging, Concrete Task Arithmetic and Fisher merging run as sweep units: their inputs come from a
+    MergeContext on the selection split, the learned λ are recorded with the hyperparameters, and the rows have the
+    sweep's schema."""
+    import json
+    from llora import sweep as S
+    monkeypatch.setenv("LLORA_PROGRESS", "0")
+    tasks = list(S.EMBEDDED_BENCHMARK[:2])
+    res = S.run_fusion_sweep("minilm-l6", ["lora"], ["adamerging", "concrete_task_arithmetic", "fisher"], tasks,
+                             tmp_path / "out", ckpt_root=tmp_path / "ck", preset="tiny", tiny=True,
+                             val_examples=4, test_examples=4, device="cpu",
+                             grids={"adamerging": [{"granularity": "task"}], "concrete_task_arithmetic": [{"scaling": 0.3}]},
+                             method_kwargs={"adamerging": {"steps": 2}, "concrete_task_arithmetic": {"steps": 2}})
+    r = res.results
+    assert set(r.method) == {"adamerging", "concrete_task_arithmetic", "fisher"} and set(r.split) >= {"test"}
+    ada = r[(r.method == "adamerging") & (r.split == "test")]
+    assert len(ada) == len(tasks) and all(len(json.loads(h)["lambdas"]) == 2 for h in ada.hparams)
+    assert r.score.between(0, 1).all()
