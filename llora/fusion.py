@@ -729,7 +729,15 @@ def _per_matrix(task_vectors:Sequence[TaskVector], # checked task vectors
     _check_result_finite(out, where)
     return TaskVector(out, check=False)
 
-def _svd(X:torch.Tensor) -> tuple: return torch.linalg.svd(X, full_matrices=False)
+def _svd(X:torch.Tensor) -> tuple:
+    "Thin SVD; where LAPACK's gesdd fails to converge (many repeated or ~0 singular values, e.g. a residual that a common subspace almost fills), again in float64, then of X plus a seeded perturbation 1e-12 of its norm."
+    try: return torch.linalg.svd(X, full_matrices=False)
+    except torch.linalg.LinAlgError: pass
+    try: return tuple(t.to(X.dtype) for t in torch.linalg.svd(X.double(), full_matrices=False))
+    except torch.linalg.LinAlgError: pass
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(X.shape, generator=g, dtype=torch.float64).to(X.device) * (1e-12 * float(X.double().norm()) + 1e-30)
+    return tuple(t.to(X.dtype) for t in torch.linalg.svd(X.double() + noise, full_matrices=False))
 
 def _polar(X:torch.Tensor) -> torch.Tensor:
     "The orthonormal factor U Vᵀ of X = U S Vᵀ (the nearest matrix with orthonormal columns or rows)."
