@@ -274,8 +274,8 @@ def inference_step_fn(model, # a `TaskModel`
     return step
 
 # %% ../nbs/11_cost.ipynb #4c031573
-COST_MODES = ("full", "ntk", "lora", "l_lora", "l_lora_jvp")
-INFERENCE_VARIANTS = ("base", "ntk", "lora", "l_lora", "l_lora_jvp", "l_lora_merged")
+COST_MODES = ("full", "ntk", "lora", "l_lora", "l_lora_jvp", "linear_only")
+INFERENCE_VARIANTS = ("base", "ntk", "lora", "l_lora", "l_lora_jvp", "l_lora_merged", "linear_only")
 
 def _model_kw(name:str, tiny:bool) -> dict:
     "Random weights for every model but the embedded MiniLM (whose real weights install offline)."
@@ -354,12 +354,14 @@ TRAIN_RATIOS = {"train step: l_lora / lora": ("train:l_lora", "train:lora"),
                 "train step: l_lora_jvp / lora": ("train:l_lora_jvp", "train:lora"),
                 "train step: l_lora_jvp / l_lora (jvp / closed form)": ("train:l_lora_jvp", "train:l_lora"),
                 "train step: lora / full": ("train:lora", "train:full"),
-                "train step: ntk / full": ("train:ntk", "train:full")}
+                "train step: ntk / full": ("train:ntk", "train:full"),
+                "train step: linear_only / full": ("train:linear_only", "train:full")}
 INFER_RATIOS = {"inference: l_lora_merged / base": ("infer:l_lora_merged", "infer:base"),
                 "inference: l_lora / lora": ("infer:l_lora", "infer:lora"),
                 "inference: l_lora_jvp / lora": ("infer:l_lora_jvp", "infer:lora"),
                 "inference: lora / base": ("infer:lora", "infer:base"),
-                "inference: ntk / base": ("infer:ntk", "infer:base")}
+                "inference: ntk / base": ("infer:ntk", "infer:base"),
+                "inference: linear_only / base": ("infer:linear_only", "infer:base")}
 TARGETS = {"train step: l_lora / lora": 1.05, "train step: ntk / full": 2.0, "inference: l_lora_merged / base": 1.05}
 
 def _paper_ratios(name:str) -> dict:
