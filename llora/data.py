@@ -168,7 +168,7 @@ def input_cache_key(model, task, split:str, max_examples:int|None, seed:int, dat
 def _encode(model, task, data, folder:Path|None, workers, desc:str) -> InputStore:
     w = _StoreWriter(folder)
     refs = []
-    n = loader_workers("cpu" if workers is None and model.device.type == "cpu" else "cuda", workers)
+    n = loader_workers(model.device, workers)
     loader = DataLoader(ExampleInputs(model, task, data, with_reference=True), batch_size=32, collate_fn=list, num_workers=n)
     for chunk in progress(loader, desc=desc, leave=False, total=len(loader)):
         for inputs, ref in chunk: w.add(inputs); refs.append(ref)
