@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .evaluate import eval_batches
@@ -30,7 +29,7 @@ class _Readout(nn.Module):
 
 @dataclass
 class MergeContext:
-    "A `prepare`d model and unlabeled inputs of each task: what data-driven merges (AdaMerging, Fisher) read."
+    "A `prepare`d model and unlabeled inputs of each task: what data-driven merges (AdaMerging, Fisher, RegMean, Concrete) read."
     model: object # a `prepare`d `TaskModel`: θ0 and the task-vector space are its trainable parameters
     tasks: Sequence # task objects or names, one per task vector, in the task vectors' order
     split: str = "validation" # where the inputs come from ("test": the authors' test-time adaptation)

@@ -98,9 +98,6 @@ class InputStore:
         s = self.shapes.get("attention_mask")
         return None if s is None else s[:, 0].tolist()
 
-    @property
-    def nbytes(self) -> int: return sum(int(a.nbytes) for a in self.arrays.values())
-
     @classmethod
     def open(cls, folder:str|Path) -> InputStore:
         "The store saved in `folder`, its arrays memory-mapped; `ValueError` naming the file if anything does not match."

@@ -518,6 +518,24 @@ def _lambdas(tvs:list, granularity:str, init:float, where:str) -> torch.Tensor:
     shape = (len(tvs),) if granularity == "task" else (len(tvs), len(tvs[0]))
     return torch.full(shape, _finite(init, "init", where), dtype=torch.float32)
 
+def _detached(task_vectors, where) -> list:
+    "The checked task vectors, detached: the data-driven methods differentiate through their own coefficients only."
+    return [TaskVector({k: v.detach() for k, v in tv.items()}, check=False) for tv in _task_vectors(task_vectors, where)]
+
+def _descent_steps(objective, steps, where:str) -> int:
+    "`steps` as an int >= 0, once `objective` is known to be callable."
+    if not callable(objective): raise ValueError(f"{where}: objective must be callable (merged tensors -> scalar tensor)")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"{where}: steps must be an integer >= 0, got {steps!r}")
+    return int(steps)
+
+def _objective_loss(objective, merged:dict, where:str) -> torch.Tensor:
+    "`objective(merged)`, checked to be a scalar tensor that depends on the merged tensors."
+    loss = objective(merged)
+    if not (torch.is_tensor(loss) and loss.requires_grad and loss.numel() == 1):
+        raise ValueError(f"{where}: objective must return a scalar tensor that depends on the merged tensors")
+    return loss
+
 def _combine(tvs:list, lam:torch.Tensor) -> dict:
     "Σ_i λ_i τ_i (one λ per task, or per task and tensor), differentiable in λ."
     keys = list(tvs[0])
@@ -535,17 +553,12 @@ def adamerging(task_vectors:Sequence[TaskVector], # task vectors to merge
               ) -> tuple:
     "AdaMerging: λ minimizing `objective` (prediction entropy) of Σ λ τ; returns (merged TaskVector, λ as a tensor)."
     where = "adamerging"
-    tvs = [TaskVector({k: v.detach() for k, v in tv.items()}, check=False) for tv in _task_vectors(task_vectors, where)]
-    if not callable(objective): raise ValueError(f"{where}: objective must be callable (merged tensors -> scalar tensor)")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"{where}: steps must be an integer >= 0, got {steps!r}")
-    lr = _finite(lr, "lr", where)
+    tvs = _detached(task_vectors, where)
+    steps, lr = _descent_steps(objective, steps, where), _finite(lr, "lr", where)
     lam = _lambdas(tvs, granularity, init, where).to(next(iter(tvs[0].values())).device).requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=lr)
-    for _ in progress(range(int(steps)), desc=where, disable=not show_progress or None, leave=False):
-        loss = objective(_combine(tvs, lam))
-        if not (torch.is_tensor(loss) and loss.requires_grad and loss.numel() == 1):
-            raise ValueError(f"{where}: objective must return a scalar tensor that depends on the merged tensors")
+    for _ in progress(range(steps), desc=where, disable=not show_progress or None, leave=False):
+        loss = _objective_loss(objective, _combine(tvs, lam), where)
         if not torch.isfinite(loss): raise ValueError(f"{where}: objective returned {float(loss)} at λ={lam.detach().tolist()}")
         opt.zero_grad(); loss.backward(); opt.step()
         with torch.no_grad(): lam.clamp_(0.0, 1.0)
@@ -615,30 +628,23 @@ def _learn_mask(tvs:list, objective:Callable, lam:torch.Tensor|None, scaling:flo
     "Learn the shared mask logits (and AdaMerging's λ when given) by entropy descent; return (binary mask, λ)."
     if not (isinstance(temperature, numbers.Real) and temperature > 0): raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
     if not 0 < init_keep < 1: raise ValueError(f"{where}: init_keep must be in (0, 1), got {init_keep!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"{where}: steps must be an integer >= 0, got {steps!r}")
-    if not callable(objective): raise ValueError(f"{where}: objective must be callable (merged tensors -> scalar tensor)")
+    steps = _descent_steps(objective, steps, where)
     logits = {k: torch.full(v.shape, math.log(init_keep / (1 - init_keep)), device=v.device, requires_grad=True)
               for k, v in tvs[0].items()}
     groups = [{"params": list(logits.values()), "lr": _finite(lr, "lr", where)}]
     if lam is not None: lam.requires_grad_(True); groups.append({"params": [lam], "lr": _finite(lambda_lr, "lambda_lr", where)})
     opt, gen = torch.optim.Adam(groups), torch.Generator().manual_seed(int(seed))
-    for _ in progress(range(int(steps)), desc=where, disable=not show_progress or None, leave=False):
+    for _ in progress(range(steps), desc=where, disable=not show_progress or None, leave=False):
         mask = {k: concrete_mask(l, temperature, gen) for k, l in logits.items()}
         masked = [{k: mask[k].to(tv[k].dtype) * tv[k] for k in tv} for tv in tvs]
         merged = (_combine(masked, lam) if lam is not None else
                   {k: scaling * sum(m[k] for m in masked) for k in tvs[0]})
-        loss = objective(merged)
-        if not (torch.is_tensor(loss) and loss.requires_grad and loss.numel() == 1):
-            raise ValueError(f"{where}: objective must return a scalar tensor that depends on the merged tensors")
+        loss = _objective_loss(objective, merged, where)
         opt.zero_grad(); loss.backward(); opt.step()
         if lam is not None:
             with torch.no_grad(): lam.clamp_(0.0, 1.0)
     hard = {k: (torch.sigmoid(l.detach()) > 0.5).to(tvs[0][k].dtype) for k, l in logits.items()}
     return hard, (lam.detach() if lam is not None else None)
-
-def _detached(task_vectors, where) -> list:
-    return [TaskVector({k: v.detach() for k, v in tv.items()}, check=False) for tv in _task_vectors(task_vectors, where)]
 
 @register_method("concrete_task_arithmetic")
 def concrete_task_arithmetic(task_vectors:Sequence[TaskVector], # task vectors to merge
