@@ -22,8 +22,8 @@ __all__ = ['COST_TASK', 'COST_MODES', 'INFERENCE_VARIANTS', 'PAPER_TABLE4', 'TRA
            'checkpoint_bytes', 'peak_memory', 'peak_memory_each', 'torch_threads', 'state_bytes', 'interleaved_timings',
            'paired_ratios', 'timing_summary', 'synthetic_batch', 'train_step_fn', 'inference_step_fn',
            'base_cost_model', 'build_cost_models', 'measure_model', 'step_flops', 'ntk_flop_table', 'openclip_shapes',
-           'random_task_vectors', 'dense_task_arithmetic_reference', 'merge_rss', 'merge_cost', 'merge_rss_table',
-           'markdown_table', 'environment', 'write_tables']
+           'random_task_vectors', 'dense_task_arithmetic_reference', 'merge_rss', 'merge_cost', 'merge_cost_isolated',
+           'merge_rss_table', 'markdown_table', 'environment', 'write_tables']
 
 # %% ../nbs/11_cost.ipynb #eb6076a9
 def _is_phi0(name:str) -> bool: return name.rsplit(".", 1)[-1].startswith("phi0_")
@@ -556,13 +556,18 @@ def dense_task_arithmetic_reference(task_vectors:list, # `TaskVector`s with the 
     return TaskVector(out, check=False)
 
 # %% ../nbs/11_cost.ipynb #21761b50
-MERGE_HPARAMS = {"task_arithmetic": dict(scaling=0.3), "ties": dict(k=0.2, scaling=0.3)}
+MERGE_HPARAMS = {"task_arithmetic": dict(scaling=0.3), "ties": dict(k=0.2, scaling=0.3),  # the paper's two, then
+                 "dare": dict(p=0.5, scaling=0.3), "dare_ties": dict(p=0.5, scaling=0.3),  # the newer data-free ones
+                 "tsv_m": dict(scaling=1.0), "iso_c": dict(scaling=1.0), "iso_cts": dict(common_fraction=0.8, scaling=1.0)}
 
-def _dense_reference(method:str) -> Callable:
+def _dense_reference(method:str) -> Callable|None:
+    "The dense (flatten-and-stack) reference of `method`, where one exists (task arithmetic, TIES)."
     from llora import fusion
-    if method == "task_arithmetic": return dense_task_arithmetic_reference
-    if method == "ties": return fusion.dense_ties_reference
-    raise ValueError(f"No dense reference for {method!r}")
+    return {"task_arithmetic": dense_task_arithmetic_reference, "ties": fusion.dense_ties_reference}.get(method)
+
+def _pairs(methods, impls) -> list[tuple]:
+    "(method, impl) pairs to measure: the dense implementation only where a dense reference exists."
+    return [(m, i) for m in methods for i in impls if i != "dense" or _dense_reference(m) is not None]
 
 def _merge_fn(method:str, impl:str, tvs:list, hparams:dict) -> Callable:
     from llora.fusion import fuse
@@ -581,13 +586,25 @@ def _status_kb(key:str) -> int:
         if line.startswith(key + ":"): return int(line.split()[1])
     raise KeyError(key)
 
+def _spec_vectors(s:dict) -> list:
+    "The random task vectors a worker's spec describes (open_clip `arch` or explicit `shapes`, `n`, `seed`)."
+    shapes = openclip_shapes(s["arch"]) if s.get("arch") else {k: tuple(v) for k, v in s["shapes"].items()}
+    return random_task_vectors(shapes, n=s["n"], seed=s["seed"])
+
+def _in_subprocess(worker:str, # a function of this module taking the JSON spec and printing one JSON line
+                   spec:dict, timeout:float) -> object:
+    "Run `worker(spec)` in a fresh Python process; its last printed line, parsed."
+    code = f"from llora.cost import {worker}; {worker}({json.dumps(spec)!r})"
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0: raise RuntimeError(f"{worker} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
 def _rss_worker(spec:str):
     "Subprocess entry point of `merge_rss` (prints a JSON line)."
     import resource
     s = json.loads(spec)
-    shapes = openclip_shapes(s["arch"]) if s.get("arch") else {k: tuple(v) for k, v in s["shapes"].items()}
-    tvs = random_task_vectors(shapes, n=s["n"], seed=s["seed"])
-    fn = _merge_fn(s["method"], s["impl"], tvs, s["hparams"])
+    fn = _merge_fn(s["method"], s["impl"], _spec_vectors(s), s["hparams"])
     gc.collect()
     before = _status_kb("VmRSS")
     try:
@@ -607,14 +624,10 @@ def merge_rss(method:str, impl:str, # what to run (see `merge_cost`)
               timeout:float=1800, # seconds
              ) -> dict:
     "Peak RSS growth of one merge in a fresh subprocess."
-    spec = json.dumps(dict(method=method, impl=impl, arch=arch if shapes is None else None,
-                           shapes={k: list(v) for k, v in (shapes or {}).items()}, n=n, seed=seed,
-                           hparams=hparams if hparams is not None else MERGE_HPARAMS[method]))
-    code = f"from llora.cost import _rss_worker; _rss_worker({spec!r})"
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
-    if p.returncode != 0: raise RuntimeError(f"merge_rss({method}, {impl}) failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    spec = dict(method=method, impl=impl, arch=arch if shapes is None else None,
+                shapes={k: list(v) for k, v in (shapes or {}).items()}, n=n, seed=seed,
+                hparams=hparams if hparams is not None else MERGE_HPARAMS[method])
+    return _in_subprocess("_rss_worker", spec, timeout)
 
 # %% ../nbs/11_cost.ipynb #8d1b98d8
 def merge_cost(task_vectors:list, # the task vectors to merge
@@ -625,7 +638,7 @@ def merge_cost(task_vectors:list, # the task vectors to merge
               ) -> pd.DataFrame:
     "Time and peak extra memory of each merging method and implementation (one row each)."
     methods = dict(MERGE_HPARAMS if methods is None else methods)
-    fns = {f"{m}|{i}": _merge_fn(m, i, task_vectors, hp) for m, hp in methods.items() for i in impls}
+    fns = {f"{m}|{i}": _merge_fn(m, i, task_vectors, methods[m]) for m, i in _pairs(methods, impls)}
     names = list(fns)
     one_tv = tensor_bytes(task_vectors[0])
     largest = max(v.numel() * v.element_size() for v in task_vectors[0].values())
@@ -642,7 +655,7 @@ def merge_cost(task_vectors:list, # the task vectors to merge
             del out
     diffs = {}
     for m in methods:
-        ks = [f"{m}|{i}" for i in impls]
+        ks = [f"{m}|{i}" for mm, i in _pairs([m], impls)]
         for k in ks: diffs[k] = _tv_diff(outs[k], outs[ks[0]])
     outs.clear(); gc.collect()
     runs = pd.DataFrame(runs)
@@ -662,7 +675,29 @@ def merge_cost(task_vectors:list, # the task vectors to merge
             r["time_vs_dense"] = float((t[key] / t[dense]).median())
             r["peak_extra_vs_dense"] = r["peak_extra_MB"] / (runs[runs.name == dense].peak_bytes.max() / MB)
         table.append(r)
-    return pd.DataFrame(table)
+    table = pd.DataFrame(table)
+    ta = table[(table.method == "task_arithmetic") & (table.impl == "llora.fusion")].peak_extra_MB
+    if len(ta): table["peak_extra_vs_task_arithmetic"] = table.peak_extra_MB / float(ta.iloc[0])
+    return table
+
+def _merge_cost_worker(spec:str):
+    "Subprocess entry point of `merge_cost_isolated` (prints the table as one JSON line)."
+    s = json.loads(spec)
+    torch.set_num_threads(s["threads"])
+    print(merge_cost(_spec_vectors(s), s["methods"], tuple(s["impls"]), s["repeats"]).to_json(orient="records"))
+
+def merge_cost_isolated(methods:dict|None=None, # method -> hyperparameters (default `MERGE_HPARAMS`)
+                        impls:tuple=MERGE_IMPLS, # implementations (dense only where a reference exists)
+                        arch:str|None="ViT-B-16", # open_clip architecture of the shapes (or None with `shapes`)
+                        n:int=7, seed:int=0, repeats:int=1,
+                        shapes:dict|None=None, # explicit shapes instead of `arch`
+                        timeout:float=3600, # seconds
+                       ) -> pd.DataFrame:
+    "`merge_cost` on random task vectors in a fresh process: the merges get the memory this process holds (models) too."
+    spec = dict(methods=dict(MERGE_HPARAMS if methods is None else methods), impls=list(impls),
+                arch=arch if shapes is None else None, shapes={k: list(v) for k, v in (shapes or {}).items()},
+                n=n, seed=seed, repeats=repeats, threads=torch.get_num_threads())
+    return pd.DataFrame(_in_subprocess("_merge_cost_worker", spec, timeout))
 
 def merge_rss_table(methods:dict|None=None, # method -> hyperparameters (default `MERGE_HPARAMS`)
                     impls:tuple=MERGE_IMPLS, # implementations
@@ -671,11 +706,10 @@ def merge_rss_table(methods:dict|None=None, # method -> hyperparameters (default
     "Peak RSS growth of every method and implementation, each in a fresh subprocess: DataFrame[method, impl, rss_extra_MB, rss_seconds, rss_how]."
     methods = dict(MERGE_HPARAMS if methods is None else methods)
     rows = []
-    for m, hp in methods.items():
-        for i in impls:
-            q = merge_rss(m, i, hparams=hp, **rss_kw)
-            rows.append(dict(method=m, impl=i, rss_extra_MB=q["rss_extra_bytes"] / MB, rss_seconds=q["seconds"],
-                             rss_how=q["how"]))
+    for m, i in _pairs(methods, impls):
+        q = merge_rss(m, i, hparams=methods[m], **rss_kw)
+        rows.append(dict(method=m, impl=i, rss_extra_MB=q["rss_extra_bytes"] / MB, rss_seconds=q["seconds"],
+                         rss_how=q["how"]))
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_cost.ipynb #8e9fdc4e

@@ -17,7 +17,7 @@ from .data import references, split_inputs
 from .models import TaskModel
 from .task_vectors import TaskVector
 from .tasks import score as task_score
-from .train import (MODES, amp_dtype, autocast, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta,
+from .train import (LORA_MODES, MODES, amp_dtype, autocast, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta,
                          load_trainable, prepare, resolve_device, resolve_task, theta0)
 
 # %% auto #0
@@ -203,7 +203,7 @@ def merged_model(model:TaskModel, # a `prepare`d model (not modified)
     own = dict(new.named_parameters())
     with torch.no_grad():
         for k, v in state.items(): own[k].copy_(v)
-    if fold_lora and getattr(new, "llora_mode", None) in ("lora", "l_lora"):
+    if fold_lora and getattr(new, "llora_mode", None) in LORA_MODES:
         new.backbone = new.backbone.merge_and_unload()
         new.lora_config = None
     new.llora_theta0 = {n: p.detach().clone() for n, p in new.named_parameters() if p.requires_grad}

@@ -19,7 +19,7 @@ __all__ = ['DENSE_KTH_MAX', 'TRIM_RULES', 'SCOPES', 'COMBINES', 'SIGN_TIES', 'ME
            'simple_average', 'task_arithmetic', 'ties', 'dense_ties_reference', 'ties_statistics', 'lorahub',
            'adamerging', 'fisher', 'regmean', 'concrete_mask', 'concrete_task_arithmetic', 'concrete_adamerging',
            'dare', 'dare_ties', 'tsv_m', 'iso_c', 'iso_cts_dims', 'iso_cts', 'lora_expansion_point', 'lora_factors',
-           'knots', 'core_space']
+           'knots', 'core_space', 'lora_delta_vectors']
 
 # %% ../nbs/03_fusion.ipynb #18bb7674
 _DIGIT = 16  # bits per radix pass (histogram of 65,536 bins)
@@ -860,8 +860,11 @@ def _lora_products(task_vectors:list, # task vectors holding the LoRA factors (A
                    scale, # s: number, mapping layer -> s, or one per task
                    point:Mapping|None, # factors at the expansion point (their ΔW is subtracted), or None: B0 = 0
                    where:str,
+                   linearized:bool=False, # L-LoRA: the first-order ΔW_i = s((B_i - B0) A0 + B0 (A_i - A0)) (needs `point`)
                   ) -> tuple[dict, list, dict]:
-    "{weight key: [(L_i, R_i) per task]} with ΔW_i = L_i R_i = s(B_i A_i - B0 A0); the other (plain) keys; the dtypes."
+    "{weight key: [(L_i, R_i) per task]} with ΔW_i = L_i R_i = s(B_i A_i - B0 A0) (or its first order); the other keys; the dtypes."
+    if linearized and point is None:
+        raise ValueError(f"{where}: linearized=True needs `point`, the factors A0, B0 the L-LoRA experts were expanded at")
     if isinstance(scale, Sequence) and not isinstance(scale, str) and len(scale) != len(task_vectors):
         raise ValueError(f"{where}: {len(scale)} scales for {len(task_vectors)} task vectors")
     parsed = {k: _factor_key(k) for k in task_vectors[0]}
@@ -893,7 +896,11 @@ def _lora_products(task_vectors:list, # task vectors holding the LoRA factors (A
                 if A0.shape[1] != A.shape[1] or B0.shape[0] != B.shape[0] or A0.shape[0] != B0.shape[1]:
                     raise ValueError(f"{where}: point's factors of {layer!r} (A {tuple(A0.shape)}, B {tuple(B0.shape)}) do "
                                      f"not fit task vector #{i}'s (A {tuple(A.shape)}, B {tuple(B.shape)})")
-                if bool(B0.any()): L, R = torch.cat([L, -s * B0], 1), torch.cat([R, A0], 0)
+                if linearized:  # what a linearized LoRA layer adds to W0 beyond θ0's s·B0 A0
+                    dA = R - A0
+                    L, R = L - s * B0, A0
+                    if bool(B0.any()): L, R = torch.cat([L, s * B0], 1), torch.cat([R, dA], 0)
+                elif bool(B0.any()): L, R = torch.cat([L, -s * B0], 1), torch.cat([R, A0], 0)
             pairs.append((L, R))
         shapes = {(L.shape[0], R.shape[1]) for L, R in pairs}
         if len(shapes) > 1: raise ValueError(f"{where}: layer {layer!r}: the tasks' ΔW differ in shape {sorted(shapes)}")
@@ -923,11 +930,12 @@ def knots(task_vectors:Sequence[TaskVector], # each holds the LoRA factors A, B 
           scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
           point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
           merge_with:str="ties", # the method merging the tasks' coordinates in the shared basis (the paper: ties, dare)
+          linearized:bool=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`)
           **hparams, # its hyperparameters
          ) -> TaskVector:
     "KnOTS (Stoica et al., ICLR 2025): SVD of [ΔW_1 … ΔW_T], merge the per-task right singular blocks V_i, ΔW = UΣV."
     where = "knots"
-    layers, others, dtypes = _lora_products(list(task_vectors), scale, point, where)
+    layers, others, dtypes = _lora_products(list(task_vectors), scale, point, where, linearized)
     n, bases, inner = len(task_vectors), {}, [{} for _ in task_vectors]
     for key, pairs in layers.items():
         L = torch.cat([L for L, _ in pairs], 1)  # [ΔW_1 … ΔW_T] = L · blockdiag(R_1 … R_T)
@@ -950,11 +958,12 @@ def core_space(task_vectors:Sequence[TaskVector], # each holds the LoRA factors 
                scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
                point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
                merge_with:str="ties", # the method merging the cores (the paper: ta, ties, tsv_m, iso_c, ...)
+               linearized:bool=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`)
                **hparams, # its hyperparameters
               ) -> TaskVector:
     "Core Space merging (Panariello et al., NeurIPS 2025): merge the cores U_Bᵀ ΔW_i V_A in bases shared by all tasks."
     where = "core_space"
-    layers, others, dtypes = _lora_products(list(task_vectors), scale, point, where)
+    layers, others, dtypes = _lora_products(list(task_vectors), scale, point, where, linearized)
     bases, inner = {}, [{} for _ in task_vectors]
     for key, pairs in layers.items():
         UB = _orthonormal_basis(torch.cat([L for L, _ in pairs], 1))  # out × K_B, spans every B_i
@@ -966,6 +975,17 @@ def core_space(task_vectors:Sequence[TaskVector], # each holds the LoRA factors 
     out = {key: (UB @ merged[key] @ VA).to(dtypes[key])
            for key, (UB, VA) in bases.items()}
     return TaskVector({**out, **{k: merged[k] for k in others}})
+
+def lora_delta_vectors(task_vectors:Sequence[TaskVector], # each holds the LoRA factors A, B of every layer (`lora_factors`)
+                       scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
+                       point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
+                       linearized:bool=False, # L-LoRA experts: the first-order ΔW_i their linearized layers run
+                      ) -> list[TaskVector]:
+    "Each task's dense ΔW_i per LoRA layer (keyed by the base weight, as `knots` returns it) and its other entries, for the methods that merge weight matrices (`regmean`)."
+    tvs = list(task_vectors)
+    layers, others, dtypes = _lora_products(tvs, scale, point, "lora_delta_vectors", linearized)
+    return [TaskVector({**{key: (pairs[i][0] @ pairs[i][1]).to(dtypes[key]) for key, pairs in layers.items()},
+                        **{k: tv[k] for k in others}}) for i, tv in enumerate(tvs)]
 
 # %% ../nbs/03_fusion.ipynb #07a413cb
 HPARAM_GRIDS: dict[str, list[dict]] = {

@@ -16,13 +16,13 @@ import pandas as pd
 from .core import atomic_write_text, is_offline, progress, save_csv
 
 # %% auto #0
-__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN', 'EMBEDDED_GRIDS', 'SMOKE_GRIDS', 'PAPER_MODELS',
-           'PROFILES', 'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets', 'subset_name', 'LocalExecutor',
-           'forwarded_env', 'RayExecutor', 'get_executor', 'canonical_json', 'key_hash', 'ShardStore', 'run_sweep',
-           'result_mode', 'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit', 'single_unit',
-           'mean_normalized', 'FusionUnit', 'merge_inputs', 'fusion_unit', 'FinetuneJob', 'finetune_job',
-           'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup',
-           'resolve_profile', 'parse_pairs', 'profile_models', 'MissingInputsError', 'check_available']
+__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN', 'EMBEDDED_GRIDS', 'EMBEDDED_LEARNING',
+           'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets',
+           'subset_name', 'LocalExecutor', 'forwarded_env', 'RayExecutor', 'get_executor', 'canonical_json', 'key_hash',
+           'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit',
+           'single_unit', 'mean_normalized', 'FusionUnit', 'merge_inputs', 'lora_native', 'fusion_unit', 'FinetuneJob',
+           'finetune_job', 'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param',
+           'resolve_setup', 'resolve_profile', 'parse_pairs', 'profile_models', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -306,10 +306,10 @@ from .results import (SCHEMA, SINGLE_SCHEMA, Aggregate, best_per_task, by_size, 
                            model_scores, normalize, reference_scores, select_best, table1, write_results)
 from .tasks import get_task, EMBEDDED_BENCHMARK
 from .models import MODELS
-from .train import (MODES, amp_dtype, base_model, checkpoint_dir, checkpoint_model_kw, finetune, load_meta,
+from .train import (LORA_MODES, MODES, amp_dtype, base_model, checkpoint_dir, checkpoint_model_kw, finetune, load_meta,
                          model_options, prepare, resolve_device, resolve_hparams, resolve_task, theta0)
 from .evaluate import applied, evaluate, task_vectors
-from .fusion import HPARAM_GRIDS, METHODS, fuse
+from .fusion import HPARAM_GRIDS, LORA_FACTOR_METHODS, METHODS, fuse
 
 # %% ../nbs/10_sweep.ipynb #32d63435
 RESULT_MODES = {"full": "standard"}  # llora.train mode -> `finetune_mode` of the results schema (the paper's names)
@@ -469,7 +469,8 @@ class FusionUnit:
     def key(self) -> dict:
         return dict(kind="fusion", **self.setup.key(), method=self.method, subset=list(self.subset),
                     grid=[json.loads(g) for g in self.grid], select_on=self.select_on,
-                    method_kwargs=json.loads(self.method_kwargs))
+                    method_kwargs=json.loads(self.method_kwargs),  # what a data-driven method reads (LoraHub: the loss)
+                    **({"reads": DATA_DRIVEN[self.method]} if self.method in DATA_DRIVEN else {}))
 
 def _rows(s:FusionSetup, method:str, subset, hp:dict, split:str, scores:dict) -> list[dict]:
     h = hparams_json(hp)
@@ -480,7 +481,7 @@ def _lorahub_hparams(weights) -> dict:
     return {"weights": [round(float(w), 6) for w in np.asarray(weights, dtype=float).ravel()]}
 
 DATA_DRIVEN = {"adamerging": "objective", "concrete_task_arithmetic": "objective", "concrete_adamerging": "objective",
-               "fisher": "fishers", "regmean": "grams"}  # method -> what it reads from `llora.context.MergeContext`
+               "fisher": "fishers", "regmean": "grams", "lorahub": "loss_fn"}  # method -> what it reads from `MergeContext`
 
 def merge_inputs(s:FusionSetup, # the sweep's setup (its model is the context's)
                  subset:Sequence[str], # the merged tasks, in the task vectors' order
@@ -488,13 +489,13 @@ def merge_inputs(s:FusionSetup, # the sweep's setup (its model is the context's)
                  method:str, # a key of `DATA_DRIVEN`
                  split:str, # where the (unlabeled) inputs come from: the selection split
                 ) -> dict:
-    "What a data-driven method reads for one subset, from a `MergeContext` on `split` (labels never read)."
+    "What a data-driven method reads for one subset, from a `MergeContext` on `split` (labels read by LoraHub's loss only)."
     from llora.context import MergeContext
     m, _ = s.context()
     ctx = MergeContext(m, list(subset), split=split, n_examples=s.max_examples(split) or 64,
                        batch_size=min(s.batch_size, 16), data_root=s.data_root)
     what = DATA_DRIVEN[method]
-    if what == "objective": return {"objective": ctx.entropy}
+    if what in ("objective", "loss_fn"): return {what: ctx.entropy if what == "objective" else ctx.loss}
     return {what: ctx.fishers(parts) if what == "fishers" else ctx.grams(parts)}
 
 def _learned(out) -> tuple:
@@ -507,19 +508,31 @@ def _learned(out) -> tuple:
             rec["kept"] = round(sum(float(v.sum()) for v in x.values()) / sum(v.numel() for v in x.values()), 6)
     return out[0], rec
 
+def lora_native(model, # the setup's `prepare`d model, at θ0
+                parts:list, # the subset's task vectors
+                method:str, # the fusion method
+               ) -> tuple[list, dict]:
+    "What `method` merges for LoRA task vectors: factors and scales for `knots` / `core_space`, each layer's ΔW for `regmean`."
+    from llora.context import lora_delta_space, lora_space
+    if getattr(model, "llora_mode", None) not in LORA_MODES or method not in (*LORA_FACTOR_METHODS, "regmean"):
+        return parts, {}
+    if method == "regmean": return lora_delta_space(model, parts), {}
+    return lora_space(model, parts)
+
 def fusion_unit(u:FusionUnit) -> list[dict]:
     "Fuse one subset at every grid point, score on the selection split, score the selected point on test: tidy rows."
     s = u.setup
-    _, tvs = s.context()
+    m, tvs = s.context()
     refs = json.loads(u.refs)
     sel = "test" if u.select_on == "test" else "validation"
     parts = [tvs[t] for t in u.subset]
     kw = json.loads(u.method_kwargs)
     if u.method in DATA_DRIVEN: kw.update(merge_inputs(s, u.subset, parts, u.method, sel))
+    parts, extra = lora_native(m, parts, u.method)
+    kw.update(extra)
     rows, best = [], None
     if u.method == "lorahub":
-        loss = lambda tv: 1.0 - mean_normalized(s.scores(tv, sel), refs[sel])
-        tv, weights = fuse("lorahub", parts, loss_fn=loss, **kw)
+        tv, weights = fuse("lorahub", parts, **kw)
         hp = _lorahub_hparams(weights); sc = s.scores(tv, sel)
         rows += _rows(s, u.method, u.subset, hp, sel, sc)
         best = (hp, tv)
@@ -650,9 +663,11 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
                                                                 (single.split == sp) & (single.step > 0)].itertuples()}
                            for sp in splits}) for m in modes}
     subs = sample_subsets(tasks, max_tasks, subsets_per_size, subset_seed)
+    skip = [(m, me) for m in modes for me in methods if me in LORA_FACTOR_METHODS and m not in LORA_MODES]
+    if skip: print(f"skipped (LoRA-native methods, non-LoRA modes): {', '.join(f'{me} on {m}' for m, me in skip)}")
     fus = [FusionUnit(setups[m], me, sub, tuple(canonical_json(h) for h in _grid(me, grids)), select_on, refs[m],
                       canonical_json((method_kwargs or {}).get(me, {})))
-           for m in modes for me in methods for sub in subs]
+           for m in modes for me in methods if (m, me) not in skip for sub in subs]
     results = run_sweep(fusion_unit, fus, store, key=lambda u: u.key(), executor=ex, desc="fusion")
     secs["fusion"] = time.perf_counter() - t2
     results = check_results(results, source=str(store.root), nan="keep")
@@ -690,10 +705,22 @@ EMBEDDED_GRIDS = {  # points of the authors' grids (HPARAM_GRIDS), fixed before 
     "tsv_m": [{"scaling": s} for s in (0.5, 1.0)],  # the TSV-M paper's alpha = 1, and half of it
     "iso_c": [{"scaling": s} for s in (0.5, 1.0, 1.5)],  # Iso-C/CTS select alpha on validation data; 1.5 reported
     "iso_cts": [{"common_fraction": 0.8, "scaling": s} for s in (0.5, 1.0, 1.5)],
-}
+    "knots": [{"merge_with": "ties", "k": 0.25, "scaling": s} for s in (0.5, 1.0)],  # KnOTS-TIES, as TIES above
+    "core_space": [{"merge_with": "ties", "k": 0.25, "scaling": s} for s in (0.5, 1.0)],
+    "adamerging": [{"granularity": "layer"}],  # the learned methods: one run each (AdaMerging's headline is layer-wise)
+    "concrete_task_arithmetic": [{"scaling": 0.5}],
+    "concrete_adamerging": [{"granularity": "layer"}],
+}  # LoraHub, Fisher and RegMean: their (one-point) full grids
+EMBEDDED_LEARNING = {  # 2-core budget: 20 steps (the papers: 500) with 10× the learning rates, so that λ and the mask can move
+    "adamerging": {"steps": 20, "lr": 1e-2}, "concrete_task_arithmetic": {"steps": 20, "lr": 0.2},
+    "concrete_adamerging": {"steps": 20, "ada_steps": 20, "lr": 0.2, "lambda_lr": 1e-2}}
 SMOKE_GRIDS = {"task_arithmetic": [{"scaling": 0.5}, {"scaling": 1.0}], "ties": [{"k": 0.5, "scaling": 1.0}],
                "simple_average": [{}], "dare": [{"p": 0.5, "scaling": 1.0}], "dare_ties": [{"p": 0.5, "scaling": 1.0}],
-               "tsv_m": [{"scaling": 1.0}], "iso_c": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}]}
+               "tsv_m": [{"scaling": 1.0}], "iso_c": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}],
+               "knots": [{"merge_with": "ties", "k": 0.5, "scaling": 1.0}],
+               "core_space": [{"merge_with": "ties", "k": 0.5, "scaling": 1.0}],
+               "adamerging": [{"granularity": "task"}], "concrete_task_arithmetic": [{"scaling": 1.0}],
+               "concrete_adamerging": [{"granularity": "task"}]}
 
 PAPER_MODELS = {  # model -> its benchmark in the paper (and the model options of the authors' setup)
     "clip-vit-b-16-hf": dict(tasks=("Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"), preset="clip-paper",
@@ -707,16 +734,19 @@ PAPER_MODELS = {  # model -> its benchmark in the paper (and the model options o
 PROFILES = {  # one registry: what every experiment notebook's `profile` means
     "embedded": dict(model="minilm-l6", tasks=tuple(EMBEDDED_BENCHMARK), modes=("lora", "l_lora"), preset="embedded",
                      tiny=False, train_overrides={}, subsets_per_size=2, val_examples=16, test_examples=48,
-                     grids=EMBEDDED_GRIDS, method_kwargs={"lorahub": {"budget": 40}}),
+                     grids=EMBEDDED_GRIDS, method_kwargs={"lorahub": {"budget": 40}, **EMBEDDED_LEARNING}),
     "paper": dict(model="clip-vit-b-16-hf", tasks=None, modes=("full", "lora", "l_lora"), preset=None, tiny=False,
                   train_overrides={}, subsets_per_size=None, val_examples=None, test_examples=None, grids=None,
                   method_kwargs={"lorahub": {"budget": 40}}),
     "smoke": dict(model="minilm-l6", tasks=tuple(EMBEDDED_BENCHMARK[:3]), modes=("lora", "l_lora"), preset="tiny",
                   tiny=True, train_overrides={"steps": 2}, subsets_per_size=None, val_examples=16, test_examples=16,
-                  grids=SMOKE_GRIDS, method_kwargs={"lorahub": {"budget": 4}}),
+                  grids=SMOKE_GRIDS, method_kwargs={"lorahub": {"budget": 4}, "adamerging": {"steps": 2},
+                                                    "concrete_task_arithmetic": {"steps": 2},
+                                                    "concrete_adamerging": {"steps": 2, "ada_steps": 2}}),
 }
 ALL_METHODS = ("simple_average", "task_arithmetic", "ties", "lorahub",  # the paper's four, then the data-free newer ones
-               "dare", "dare_ties", "tsv_m", "iso_c", "iso_cts")  # (knots, core_space need the LoRA factors and scale)
+               "dare", "dare_ties", "tsv_m", "iso_c", "iso_cts", "knots", "core_space",  # (these two: LoRA modes only)
+               "fisher", "regmean", "adamerging", "concrete_task_arithmetic", "concrete_adamerging")  # data-driven
 SWEEP_DEFAULTS = dict(max_tasks=None, select_on="validation", executor="local", batch_size=64, subset_seed=0,
                       device="auto", mixed_precision="auto", cpus_per_job=1, gpus_per_job=0)
 _SWEEP_OPTIONS = ("subsets_per_size", "val_examples", "test_examples", "grids", "method_kwargs", *SWEEP_DEFAULTS)

@@ -20,10 +20,10 @@ from .data import example_loader
 from .models import MODELS, TaskModel, as_examples, get_model
 
 # %% auto #0
-__all__ = ['LINEAR_ONLY_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw', 'model_options',
-           'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model', 'prepare',
-           'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir', 'load_meta',
-           'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all', 'resolve_task', 'train',
+__all__ = ['LINEAR_ONLY_MODES', 'LORA_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw',
+           'model_options', 'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model',
+           'prepare', 'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir',
+           'load_meta', 'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all', 'resolve_task', 'train',
            'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
@@ -33,7 +33,8 @@ LINEAR_ONLY_MODES = {  # mode -> (parameter patterns, train their biases too): t
     "linear_all": (ATTENTION_PATTERNS + MLP_PATTERNS, False),       # every linear weight of the blocks (+ the MLP's)
     "linear_all_bias": (ATTENTION_PATTERNS + MLP_PATTERNS, True),   # + their biases
 }
-MODES = ("full", "lora", "l_lora", "ntk", *LINEAR_ONLY_MODES)
+LORA_MODES = ("lora", "l_lora")  # the modes whose task vectors are LoRA factors
+MODES = ("full", *LORA_MODES, "ntk", *LINEAR_ONLY_MODES)
 
 PRESETS = {
     "clip-paper": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, scheduler="cosine", warmup_steps=600,
@@ -190,10 +191,10 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
     if getattr(m, "llora_mode", None) is not None: raise ValueError(f"prepare: the model is already prepared ({m.llora_mode}).")
     bad = [k for k in lora_kw if k not in ("r", "alpha", "dropout", "targets")]
     if bad: raise ValueError(f"prepare: unknown LoRA option(s) {bad}; valid: r, alpha, dropout, targets")
-    if lora_kw and mode not in ("lora", "l_lora"): raise ValueError(f"prepare: LoRA options {sorted(lora_kw)} given for mode {mode!r}")
+    if lora_kw and mode not in LORA_MODES: raise ValueError(f"prepare: LoRA options {sorted(lora_kw)} given for mode {mode!r}")
     if mode == "full":
         _set_trainable(m.backbone, True)
-    elif mode in ("lora", "l_lora"):
+    elif mode in LORA_MODES:
         m.add_lora(seed=seed, **lora_kw)
         if mode == "l_lora":
             linearize_lora(m.backbone, impl="closed_form")
@@ -575,7 +576,7 @@ def finetune(model:str, # registry name (`llora.models.MODELS`)
         with atomic_dir(ckpt) as tmp:  # the whole folder appears at once, meta.json written last
             save_tensors(trainable, tmp / "trainable.safetensors", metadata={"model": model, "mode": mode,
                                                                             "task": task_obj.name})
-            if mode in ("lora", "l_lora"): _write_adapter(m, tmp / "adapter")
+            if mode in LORA_MODES: _write_adapter(m, tmp / "adapter")
             meta = dict(config=config, model=model, task=task_obj.name, mode=mode, seed=seed, steps=hp["steps"],
                         seconds=round(log["seconds"], 3), losses=log["losses"],
                         n_trainable=sum(v.numel() for v in trainable.values()),

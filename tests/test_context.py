@@ -99,10 +99,44 @@ def test_regmean_grams(name, family, mode):
     torch.testing.assert_close(same[k], tvs[0][k], rtol=1e-3, atol=1e-4)
 
 
-def test_regmean_refuses_lora_task_vectors():
+@pytest.mark.parametrize("name, family", [("minilm-l6", "text"), ("clip-vit-b-16-hf", "clip"), ("flan-t5-base", "text")])
+@pytest.mark.parametrize("mode", ["lora", "l_lora"])
+def test_regmean_on_lora_merges_each_layers_delta_w(name, family, mode):
+    "LoRA task vectors: RegMean merges the ΔW the model runs (L-LoRA: the first order), with the Grams of each base layer."
+    from llora.context import lora_delta_space
+    from llora.evaluate import applied
+    from llora.linearize import lora_delta_weights
+    m = prepare(name, mode, tiny=True)
+    tvs = random_tvs(m, scale=0.05)
+    grams = MergeContext(m, tasks_for(family), n_examples=6, batch_size=6).grams(tvs)
+    dws = lora_delta_space(m, tvs)
+    assert set(grams[0]) == {k for k in dws[0] if k.endswith("base_layer.weight")} and grams[0]
+    before = lora_delta_weights(m.backbone)  # θ0's own s·B0 A0 (zero with peft's B0 = 0)
+    with applied(m, tvs[0], fold_lora=False):
+        ran = {k: v - before[k] for k, v in lora_delta_weights(m.backbone).items()}
+    assert len(ran) == len(grams[0])
+    for layer, dw in ran.items():  # the ΔW the model runs, layer by layer
+        key = next(k for k in dws[0] if k.endswith(layer + ".base_layer.weight"))
+        torch.testing.assert_close(dws[0][key], dw, rtol=1e-4, atol=1e-6)
+    same = fuse("regmean", [dws[0], dws[0]], grams=[grams[0], grams[0]])
+    k = next(iter(grams[0]))
+    torch.testing.assert_close(same[k], dws[0][k], rtol=1e-3, atol=1e-5)
+    ctx = MergeContext(m, tasks_for(family), n_examples=4, batch_size=4)
+    with applied(m, fuse("regmean", dws, grams=grams)):  # the merged ΔW applies to the base weights
+        assert torch.isfinite(ctx.outputs(0, ctx._batches[0][0], {})).all()
+
+
+def test_loss_is_the_models_training_loss_and_reads_the_labels():
+    "LoraHub's objective: the mean training loss over the tasks, at θ0 + merged."
+    from llora.evaluate import applied
     m = prepare("minilm-l6", "lora", tiny=True)
-    with pytest.raises(ValueError, match="LoRA task vectors"):
-        MergeContext(m, tasks_for("text"), n_examples=6, batch_size=6).grams(random_tvs(m))
+    tasks = tasks_for("text")
+    ctx = MergeContext(m, tasks, n_examples=6, batch_size=3)
+    tv = random_tvs(m, n=1)[0]
+    with applied(m, tv, fold_lora=False), torch.no_grad():
+        m.eval()
+        want = np.mean([np.mean([float(m.loss(t, b)) for b in bs]) for t, bs in zip(ctx.tasks, ctx._batches)])
+    assert abs(ctx.loss(tv) - want) < 1e-5 and ctx.loss(tv) != ctx.loss({})
 
 
 @pytest.mark.parametrize("mode", ["lora", "l_lora", "full"])

@@ -7,11 +7,12 @@ formulas of `fusion_bench/method/task_singular_vector/utils/TSVM_utils.py::compu
 `method/isotropic_merging/iso_utils.py::iso_c, iso_cts`, `method/knots/knots_utils.py::subspace_alignment` and
 `method/dare/utils.py::param_random_drop_` as read from the 0.2.33 wheel (zero-padded buffers and all).
 """
+import copy
 import pytest, torch
 
 import llora.fusion as F
 from llora.fusion import (HPARAM_GRIDS, METHODS, dare_drop, dense_ties_reference, fuse, iso_cts_dims,
-                          lora_expansion_point, lora_factors)
+                          lora_delta_vectors, lora_expansion_point, lora_factors)
 from llora.task_vectors import KeyMismatchError, TaskVector
 
 SHAPES = {"l1.w": (24, 16), "l1.b": (24,), "l2.w": (8, 24), "s": ()}
@@ -270,6 +271,24 @@ def test_l_lora_experts_reduce_to_merging_the_Bs():
     assert (kt @ P - kt).norm() > 1e-3 * kt.norm()  # KnOTS-TIES trims entries of V_i and leaves A0's row space
 
 
+@pytest.mark.parametrize("B0", [False, True])
+def test_linearized_lora_products_are_the_first_order_delta_w(B0):
+    "linearized=True: ΔW_i = s((B_i - B0) A0 + B0 (A_i - A0)), what an L-LoRA layer adds to θ0's; merges act on it."
+    tvs, point = experts([3, 3], B0=B0, seed=33)  # the A_i differ from A0, as weight decay makes them in L-LoRA runs
+    got = lora_delta_vectors(tvs, 2.0, point, linearized=True)
+    for tv, dw in zip(tvs, got):
+        for m in ("m1", "m2"):
+            A, B = tv[f"{m}.lora_A.default.weight"], tv[f"{m}.lora_B.default.weight"]
+            A0, B0_ = point[f"{m}.lora_A.default.weight"], point[f"{m}.lora_B.default.weight"]
+            torch.testing.assert_close(dw[f"{m}.base_layer.weight"], 2.0 * ((B - B0_) @ A0 + B0_ @ (A - A0)))
+        assert torch.equal(dw["head.bias"], tv["head.bias"])
+    for i, dw in enumerate(lora_delta_vectors(tvs, 2.0, point)): close(dw, delta_ws(tvs, 2.0, point)[i], atol=1e-10)
+    for method in ("knots", "core_space"):  # with task arithmetic inside, both merge exactly the ΔW_i they are given
+        merged = fuse(method, tvs, scale=2.0, point=point, linearized=True, merge_with="task_arithmetic", scaling=0.7)
+        close(merged, fuse("task_arithmetic", got, scaling=0.7), atol=1e-10)
+    with pytest.raises(ValueError, match="linearized=True needs `point`"): lora_delta_vectors(tvs, 2.0, linearized=True)
+
+
 def fb_knots_basis(dws, eps=1e-4):
     "subspace_alignment, transcribed: SVD of the column-wise concatenation in float64, σ > eps kept, Vh split per task."
     U, S, Vh = torch.linalg.svd(torch.cat(dws, dim=1).double(), full_matrices=False)
@@ -481,3 +500,58 @@ def test_svd_merges_survive_lapack_convergence_failures(monkeypatch):
         got = fuse(m, tvs)
         for k in w: torch.testing.assert_close(got[k], w[k], rtol=1e-4, atol=1e-5)
     assert torch.float32 in calls and torch.float64 in calls
+
+
+def _toy_experts(n=3, seed=40):
+    "A small MLP θ0, n fine-tuned copies (torch modules, as FusionBench's wrappers take them) and unlabeled inputs."
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        for p in base.parameters(): p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    experts = []
+    for _ in range(n):
+        e = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in e.parameters(): p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        experts.append(e)
+    return base, experts, torch.randn(32, 6, generator=g)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_matches_fusionbench_merged_models(granularity):
+    """FusionBench's TaskWiseMergedModel / LayerWiseMergedModel with its entropy_loss and Adam, step for step: the same λ
+    (its clamp acts on the merge, ours projects λ; both stay inside [0, 1] here, where the two agree)."""
+    tw = _fusionbench("fusion_bench.models.wrappers.task_wise_fusion")
+    lw = _fusionbench("fusion_bench.models.wrappers.layer_wise_fusion")
+    ent = _fusionbench("fusion_bench.method.adamerging.entropy_loss")
+    base, experts, x = _toy_experts()
+    steps, lr = 25, 1e-2
+    if granularity == "task":
+        fb = tw.TaskWiseMergedModel(torch.full((3,), 0.3), copy.deepcopy(base), copy.deepcopy(experts))
+    else:
+        fb = lw.LayerWiseMergedModel(torch.full((3, 4), 0.3), copy.deepcopy(base), copy.deepcopy(experts))
+    opt = torch.optim.Adam([fb.merge_weight], lr=lr)
+    for _ in range(steps):
+        fb.merge_weights()
+        loss = ent.entropy_loss(fb(x))
+        opt.zero_grad(); loss.backward(); opt.step()
+    t0 = dict(base.named_parameters())
+    tvs = [TaskVector({k: v.detach() - t0[k].detach() for k, v in e.named_parameters()}) for e in experts]
+    def objective(merged):
+        out = torch.func.functional_call(base, {k: t0[k].detach() + v for k, v in merged.items()}, (x,))
+        p = out.softmax(-1)
+        return -(p * out.log_softmax(-1)).sum(-1).mean()
+    _, lam = fuse("adamerging", tvs, objective=objective, granularity=granularity, steps=steps, lr=lr)
+    assert bool(((fb.merge_weight > 0) & (fb.merge_weight < 1)).all())  # no clamping on either side
+    assert float((fb.merge_weight - 0.3).abs().max()) > 0.1  # λ travelled
+    torch.testing.assert_close(lam, fb.merge_weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_concrete_mask_is_fusionbench_relaxed_bernoulli():
+    "FusionBench's MaskModel samples its continuous masks from RelaxedBernoulli(logits, T): the same law, and the same draws from the same uniforms."
+    mm = _fusionbench("fusion_bench.models.masks.mask_model")
+    model = mm.MaskModel({"w": torch.zeros(500, 40)}, parameter_type="logits")
+    with torch.no_grad(): model.w.copy_(torch.linspace(-3, 3, 20000).reshape(500, 40))
+    torch.manual_seed(7); fb = model.sample_mask("continuous", temperature=0.5)["w"]
+    torch.manual_seed(7); ours = F.concrete_mask(model.w.detach(), 0.5)
+    torch.testing.assert_close(ours, fb.detach(), rtol=1e-4, atol=1e-4)  # u clamped at 1e-6 here, at float eps there

@@ -247,3 +247,45 @@ def test_data_driven_methods_in_a_sweep(tmp_path, monkeypatch):
     ada = r[(r.method == "adamerging") & (r.split == "test")]
     assert len(ada) == len(tasks) and all(len(json.loads(h)["lambdas"]) == 2 for h in ada.hparams)
     assert r.score.between(0, 1).all()
+
+
+def test_lora_native_regmean_and_lorahub_in_a_sweep(tmp_path, monkeypatch, capsys):
+    """KnOTS and Core Space run on LoRA modes only; on L-LoRA, whose layers are linear in (A, B), both with task
+    arithmetic inside score exactly as task arithmetic of the factors; RegMean runs in every mode (on ΔW for LoRA);
+    LoraHub's loss comes from the merge context."""
+    import json
+    from llora import sweep as S
+    monkeypatch.setenv("LLORA_PROGRESS", "0")
+    tasks = list(S.EMBEDDED_BENCHMARK[:2])
+    ta = [{"scaling": 0.7}]
+    res = S.run_fusion_sweep("minilm-l6", ["full", "lora", "l_lora"], ["task_arithmetic", "knots", "core_space", "regmean",
+                             "lorahub"], tasks, tmp_path / "out", ckpt_root=tmp_path / "ck", preset="tiny", tiny=True,
+                             train_overrides={"steps": 3, "lr": 0.05}, val_examples=8, test_examples=8, device="cpu",
+                             grids={"task_arithmetic": ta, "knots": [{"merge_with": "task_arithmetic", **ta[0]}],
+                                    "core_space": [{"merge_with": "task_arithmetic", **ta[0]}]},
+                             method_kwargs={"lorahub": {"budget": 3}})
+    assert "knots on full" in capsys.readouterr().out
+    r = res.results[res.results.split == "test"]
+    assert set(r[r.finetune_mode == "standard"].method) == {"task_arithmetic", "regmean", "lorahub"}
+    assert set(r[r.finetune_mode != "standard"].method) == {"task_arithmetic", "knots", "core_space", "regmean", "lorahub"}
+    lin = r[r.finetune_mode == "l_lora"].pivot_table(index="task", columns="method", values="score")
+    assert lin["knots"].tolist() == lin["task_arithmetic"].tolist() == lin["core_space"].tolist()
+    hub = r[r.method == "lorahub"]
+    assert all(len(json.loads(h)["weights"]) == 2 for h in hub.hparams) and r.score.between(0, 1).all()
+    # the same identity on the merged models' logits, not only on accuracies
+    import torch
+    from llora.context import MergeContext, lora_space
+    from llora.evaluate import applied
+    from llora.fusion import fuse
+    setup = S.FusionSetup("minilm-l6", "l_lora", tuple(tasks), str(tmp_path / "ck"), tiny=True, device="cpu")
+    m, tvs = setup.context()
+    parts = [tvs[t] for t in tasks]
+    factors, kw = lora_space(m, parts)
+    ctx = MergeContext(m, tasks, n_examples=8, batch_size=8)
+    task, batch, logits = ctx.tasks[0], ctx._batches[0][0], []
+    m.eval()  # no dropout
+    for tv in (fuse("task_arithmetic", parts, scaling=0.7), fuse("knots", factors, **kw, merge_with="task_arithmetic", scaling=0.7)):
+        with applied(m, tv), torch.no_grad(): logits.append(m.logits(task, batch))
+    with torch.no_grad(): zero = m.logits(task, batch)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    assert (logits[0] - zero).abs().max() > 1e-3  # the merge moved the model
