@@ -82,47 +82,38 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("name, family", [("minilm-l6", "text"), ("clip-vit-b-16-hf", "clip"), ("flan-t5-base", "text")])
-@pytest.mark.parametrize("mode", ["full", "linear_only"])
+@pytest.mark.parametrize("mode", ["full", "linear_only", "lora", "l_lora"])
 def test_regmean_grams(name, family, mode):
-    "Grams of every linear weight (symmetric, positive semi-definite, in × in); one task twice merges to itself."
-    m = prepare(name, mode, tiny=True)
-    tvs = random_tvs(m, scale=0.02)
-    grams = MergeContext(m, tasks_for(family), n_examples=6, batch_size=6).grams(tvs)
-    assert grams[0] and set(grams[0]) == set(grams[1]) <= set(tvs[0])
-    for k, G in grams[0].items():
-        assert G.shape == (tvs[0][k].shape[1],) * 2 and torch.allclose(G, G.T, atol=1e-5)
-        assert float(torch.linalg.eigvalsh(G.double()).min()) > -1e-4
-    merged = fuse("regmean", tvs, grams=grams)
-    assert all(torch.isfinite(v).all() for v in merged.values())
-    same = fuse("regmean", [tvs[0], tvs[0]], grams=[grams[0], grams[0]])
-    k = next(iter(grams[0]))
-    torch.testing.assert_close(same[k], tvs[0][k], rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.parametrize("name, family", [("minilm-l6", "text"), ("clip-vit-b-16-hf", "clip"), ("flan-t5-base", "text")])
-@pytest.mark.parametrize("mode", ["lora", "l_lora"])
-def test_regmean_on_lora_merges_each_layers_delta_w(name, family, mode):
-    "LoRA task vectors: RegMean merges the ΔW the model runs (L-LoRA: the first order), with the Grams of each base layer."
+    """Grams of every linear weight (symmetric, positive semi-definite, in × in); one task twice merges to itself. LoRA
+    task vectors: RegMean merges the ΔW the model runs (L-LoRA: the first order), with the Grams of each base layer."""
     from llora.context import lora_delta_space
     from llora.evaluate import applied
     from llora.linearize import lora_delta_weights
+    lora = mode in ("lora", "l_lora")
     m = prepare(name, mode, tiny=True)
-    tvs = random_tvs(m, scale=0.05)
+    tvs = random_tvs(m, scale=0.05 if lora else 0.02)
     grams = MergeContext(m, tasks_for(family), n_examples=6, batch_size=6).grams(tvs)
-    dws = lora_delta_space(m, tvs)
-    assert set(grams[0]) == {k for k in dws[0] if k.endswith("base_layer.weight")} and grams[0]
+    vecs = lora_delta_space(m, tvs) if lora else tvs
+    assert grams[0] and set(grams[0]) == set(grams[1]) <= set(vecs[0])
+    for k, G in grams[0].items():
+        assert G.shape == (vecs[0][k].shape[1],) * 2 and torch.allclose(G, G.T, atol=1e-5)
+        assert float(torch.linalg.eigvalsh(G.double()).min()) > -1e-4
+    merged = fuse("regmean", vecs, grams=grams)
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    same = fuse("regmean", [vecs[0], vecs[0]], grams=[grams[0], grams[0]])
+    k = next(iter(grams[0]))
+    torch.testing.assert_close(same[k], vecs[0][k], rtol=1e-3, atol=1e-4)
+    if not lora: return
+    assert set(grams[0]) == {k for k in vecs[0] if k.endswith("base_layer.weight")}
     before = lora_delta_weights(m.backbone)  # θ0's own s·B0 A0 (zero with peft's B0 = 0)
     with applied(m, tvs[0], fold_lora=False):
         ran = {k: v - before[k] for k, v in lora_delta_weights(m.backbone).items()}
     assert len(ran) == len(grams[0])
     for layer, dw in ran.items():  # the ΔW the model runs, layer by layer
-        key = next(k for k in dws[0] if k.endswith(layer + ".base_layer.weight"))
-        torch.testing.assert_close(dws[0][key], dw, rtol=1e-4, atol=1e-6)
-    same = fuse("regmean", [dws[0], dws[0]], grams=[grams[0], grams[0]])
-    k = next(iter(grams[0]))
-    torch.testing.assert_close(same[k], dws[0][k], rtol=1e-3, atol=1e-5)
+        key = next(k for k in vecs[0] if k.endswith(layer + ".base_layer.weight"))
+        torch.testing.assert_close(vecs[0][key], dw, rtol=1e-4, atol=1e-6)
     ctx = MergeContext(m, tasks_for(family), n_examples=4, batch_size=4)
-    with applied(m, fuse("regmean", dws, grams=grams)):  # the merged ΔW applies to the base weights
+    with applied(m, merged):  # the merged ΔW applies to the base weights
         assert torch.isfinite(ctx.outputs(0, ctx._batches[0][0], {})).all()
 
 
