@@ -102,3 +102,38 @@ def test_rank_correlation_ci():
     assert few["estimate"] == pytest.approx(1) and np.isnan(few["ci_low"]) and few["n_units"] == 4
     assert rank_correlation_ci([0, 1, np.nan, 3, 4, 5], [1, 2, 3, np.nan, 5, 6])["n_units"] == 4  # NaN pairs dropped
     with pytest.raises(ValueError, match="one length"): rank_correlation_ci([1, 2], [1, 2, 3])
+
+
+# ---------------------------------------------------------------- exp_regime's parameters
+from test_paperpath import run_notebook_setup  # the notebooks' setup cells, executed with papermill-style overrides
+
+BAD_REGIME_PARAMETERS = [
+    (dict(steps_grid="25,fifty"), "`steps_grid` must be a comma-separated list of integers"),
+    (dict(steps_grid="25,2.5"), "`steps_grid` must be"),
+    (dict(steps_grid="25,25"), "`steps_grid` repeats"),
+    (dict(lr_factors="0,1"), "`lr_factors` must be a comma-separated list of numbers > 0"),
+    (dict(methods="tie"), "valid: simple_average"),
+    (dict(gap_examples=0), "`gap_examples` must be"),
+    (dict(device="tpu"), "Unknown device 'tpu'"),
+    (dict(profile="papr"), "valid: embedded, paper, smoke"),
+]
+
+
+@pytest.mark.parametrize("params, message", BAD_REGIME_PARAMETERS, ids=lambda x: str(x)[:30])
+def test_regime_notebook_rejects_bad_parameters_before_anything_runs(tmp_path, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run_notebook_setup("exp_regime", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"), **params)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
+
+
+def test_regime_grid_is_written_before_any_training(tmp_path, monkeypatch):
+    "The setup cell resolves the grid (lr = the preset's rate of each mode × factor) and writes grid.csv; nothing is trained."
+    import pandas as pd
+    import llora.sweep as S
+    monkeypatch.setattr(S, "check_available", lambda cfg, **kw: None)
+    ns = run_notebook_setup("exp_regime", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"))
+    g = pd.read_csv(tmp_path / "out" / "grid.csv")
+    assert list(g.point) == [f"s{s}_lr{f:g}" for s in (25, 50, 200) for f in (0.333333, 1, 3)]
+    assert g.lr_lora.tolist()[:3] == pytest.approx([1e-3, 3e-3, 9e-3], rel=1e-5)
+    assert g.lr_l_lora.tolist()[:3] == pytest.approx([2e-3, 6e-3, 1.8e-2], rel=1e-5)
+    assert ns["cfg"]["methods"] == ("task_arithmetic", "ties") and not (tmp_path / "ck").exists()
