@@ -10,7 +10,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['B_DEFAULT', 'MIN_UNITS', 'percentile_interval', 'fusion_difference_ci', 'paired_ci', 'fusion_per_task',
-           'verdict_from_ci', 'examples_to_decide']
+           'verdict_from_ci', 'examples_to_decide', 'mean_score_ci', 'rank_correlation_ci']
 
 # %% ../nbs/14_evidence.ipynb #ae543a47
 B_DEFAULT = 2000  # bootstrap replicates
@@ -107,3 +107,43 @@ def examples_to_decide(estimate:float, low:float, high:float, # the difference a
     half = (high - low) / 2
     if estimate == 0 or not np.isfinite(half): return math.inf
     return float(math.ceil(n * (half / abs(estimate)) ** 2))
+
+# %% ../nbs/14_evidence.ipynb #0dff756d
+def mean_score_ci(scores, # per task: one model's score (a proportion for accuracy / exact match)
+                  n, # test examples behind each score: one number for all tasks, or one per task (None: no example noise)
+                  refs=None, # per task: the reference dividing each score (the normalized score); None: the raw mean
+                  proportion=True, # whether the scores are proportions (redrawn): one bool, or one per task
+                  B:int=B_DEFAULT, seed:int=0, level:float=0.95,
+                 ) -> dict:
+    "Mean over tasks of score / ref, with a parametric bootstrap interval over each task's test examples."
+    s = np.asarray(scores, dtype=float)
+    if s.ndim != 1 or not len(s): raise ValueError("mean_score_ci: scores must be 1-D and non-empty")
+    r = np.ones_like(s) if refs is None else np.asarray(refs, dtype=float)
+    if r.shape != s.shape: raise ValueError(f"mean_score_ci: {len(s)} scores but refs of shape {r.shape}")
+    if not (np.isfinite(r).all() and (r > 0).all()): raise ValueError(f"mean_score_ci: refs must be finite and > 0, got {r}")
+    prop = np.broadcast_to(np.asarray(proportion, dtype=bool), s.shape)
+    if n is not None and np.any(np.asarray(n, dtype=float) < 0): raise ValueError(f"mean_score_ci: n must be >= 0, not {n}")
+    reps = ((s + _shared_shift(np.random.default_rng(seed), s, n, prop, B)) / r).mean(1)
+    low, high = percentile_interval(reps, level)
+    return dict(estimate=float((s / r).mean()), ci_low=low, ci_high=high, n_tasks=len(s))
+
+def rank_correlation_ci(x, y, # paired values on the same units
+                        B:int=B_DEFAULT, seed:int=0, level:float=0.95,
+                        min_units:int=MIN_UNITS, # below this many units the interval is NaN (no verdict)
+                       ) -> dict:
+    "Spearman's ρ of x and y with a bootstrap interval over the units (replicates with a constant side are dropped)."
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1: raise ValueError("rank_correlation_ci: x and y must be 1-D, of one length")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    def rho(a, b):
+        ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+        return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else np.nan
+    est = rho(x, y) if len(x) >= 2 else np.nan
+    if len(x) < min_units or not np.isfinite(est): return dict(estimate=est, ci_low=np.nan, ci_high=np.nan, n_units=len(x))
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(B, len(x)))
+    reps = np.array([rho(x[i], y[i]) for i in idx])
+    reps = reps[np.isfinite(reps)]
+    low, high = percentile_interval(reps, level) if len(reps) else (np.nan, np.nan)
+    return dict(estimate=est, ci_low=low, ci_high=high, n_units=len(x))
+

@@ -17,7 +17,7 @@ from .core import progress
 
 # %% auto #0
 __all__ = ['cosine_similarity_matrix', 'plot_cosine_heatmap', 'normalized_scores', 'normalized_score', 'disentanglement_error',
-           'plot_disentanglement']
+           'plot_disentanglement', 'linearization_gap']
 
 # %% ../nbs/04_metrics.ipynb #5e77d6be
 def _flat(tv:Mapping) -> torch.Tensor:
@@ -181,3 +181,40 @@ def plot_disentanglement(xi:pd.DataFrame, # output of `disentanglement_error`
                                        fill=False, edgecolor="red", lw=2))
     if title: ax.set_title(title)
     return ax
+
+# %% ../nbs/04_metrics.ipynb #07c9494b
+from torch import nn
+from .linearize import linearize_lora, unlinearize_lora
+
+def _outputs_vector(out) -> torch.Tensor:
+    "One float64 vector of a model's outputs: a tensor, or a list / tuple of tensors (e.g. one per batch)."
+    parts = list(out) if isinstance(out, (list, tuple)) else [out]
+    if not parts or not all(torch.is_tensor(p) for p in parts):
+        raise ValueError("linearization_gap: `outputs()` must return a tensor or a non-empty list of tensors")
+    return torch.cat([p.detach().reshape(-1).to(torch.float64).cpu() for p in parts])
+
+def linearization_gap(model:nn.Module, # a module holding plain (not linearized, not merged) peft LoRA layers, at its trained (A, B)
+                      outputs:Callable, # () -> the outputs of `model` on fixed held-out inputs (a tensor or a list of tensors)
+                      init_state:Mapping, # θ0: the LoRA parameters' initial values (A0, B0) by name in `model.named_parameters()`
+                     ) -> dict:
+    "‖f − f_lin‖ / ‖f − f_0‖ of a LoRA model (`gap`), with `lin_error` = ‖f − f_lin‖ and `change` = ‖f − f_0‖; `model` is restored."
+    own = dict(model.named_parameters())
+    missing = [k for k in init_state if k not in own]
+    if missing: raise ValueError(f"linearization_gap: init_state names {missing[:3]} ({len(missing)} in all), which are "
+                                 "not parameters of the model (names as in model.named_parameters())")
+    saved = {k: own[k].detach().clone() for k in init_state}
+    with torch.no_grad():
+        try:
+            for k, v in init_state.items(): own[k].copy_(v)
+            f0 = _outputs_vector(outputs())                       # first: anything a model caches is built at θ0
+        finally:
+            for k, v in saved.items(): own[k].copy_(v)
+        f = _outputs_vector(outputs())
+        linearize_lora(model, impl="closed_form", init_state=dict(init_state))  # a ValueError for merged / non-LoRA layers
+        try: f_lin = _outputs_vector(outputs())
+        finally: unlinearize_lora(model)
+    if not (f.shape == f0.shape == f_lin.shape):
+        raise ValueError(f"linearization_gap: `outputs()` changed shape between calls ({f0.shape}, {f.shape}, {f_lin.shape})")
+    lin_error, change = float((f - f_lin).norm()), float((f - f0).norm())
+    return dict(gap=lin_error / change if change > 0 else math.nan, lin_error=lin_error, change=change)
+
