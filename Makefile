@@ -31,7 +31,7 @@ main: install
 
 ## re-run the experiment notebooks in place on the embedded benchmark: the committed outputs, results/embedded/ (~50 min)
 ## progress goes to the terminal; the committed notebooks keep no stderr log (bars, warnings) and no injected parameters
-EXPERIMENTS = exp_finetune exp_fusion exp_similarity exp_disentanglement exp_landscape exp_prompts report
+EXPERIMENTS = exp_finetune exp_fusion exp_similarity exp_disentanglement exp_landscape exp_prompts exp_linear_only report
 results: install
 	for nb in $(EXPERIMENTS); do \
 	  args=""; if [ $$nb = exp_fusion ]; then args="-p method all"; fi; \

