@@ -11,6 +11,7 @@ import pandas as pd
 
 from .evaluate import applied, predictions
 from .evidence import B_DEFAULT, paired_ci
+from .metrics import normalized_score
 
 # %% auto #0
 __all__ = ['KEEP_CONTROL', 'lambda_grid', 'edited_predictions', 'per_example_correct', 'edited_correct', 'addition_curve',
@@ -18,6 +19,12 @@ __all__ = ['KEEP_CONTROL', 'lambda_grid', 'edited_predictions', 'per_example_cor
            'normalized_difference_ci']
 
 # %% ../nbs/16_arithmetic.ipynb #c2c8a8c9
+def _checked_refs(tasks:Sequence[str], refs:Mapping) -> dict:
+    "`{task: refs[task]}` for `tasks`; a ValueError naming the tasks without a finite, positive single-task reference."
+    bad = [t for t in tasks if not (refs.get(t) and np.isfinite(refs[t]) and refs[t] > 0)]
+    if bad: raise ValueError(f"No positive single-task reference for tasks {bad}: cannot normalize")
+    return {t: refs[t] for t in tasks}
+
 def lambda_grid(step:float=0.05, # spacing: the seed's 0.05; coarser for small CPU budgets
                 top:float=1.0, # the largest coefficient
                ) -> np.ndarray:
@@ -74,10 +81,9 @@ def addition_curve(model, # a `prepare`d model
 def normalized_curve(curve:pd.DataFrame, # `addition_curve` output
                      refs:Mapping, # task -> single-task score of the same mode, on the same split
                     ) -> pd.Series:
-    "Mean normalized score (score ÷ refs[task], averaged over tasks) per λ."
-    missing = sorted(set(curve.task) - {t for t, v in refs.items() if v and np.isfinite(v)})
-    if missing: raise ValueError(f"No positive single-task reference for tasks {missing}: cannot normalize")
-    return curve.assign(norm=curve.score / curve.task.map(refs)).groupby("lambda").norm.mean()
+    "Mean normalized score (score ÷ refs[task], averaged over tasks) per λ: `llora.metrics.normalized_score` of each row."
+    tasks = _checked_refs(sorted(set(curve.task)), refs)
+    return normalized_score(curve.pivot(index="lambda", columns="task", values="score"), tasks)
 
 def select_addition(curve:pd.DataFrame, refs:Mapping, # as in `normalized_curve`
                    ) -> float:
@@ -117,8 +123,7 @@ def normalized_units(correct:Mapping, # task -> per-example 0/1 results of the m
                      refs:Mapping, # task -> the mode's single-task score on the same examples
                     ) -> np.ndarray:
     "Per-example terms whose mean is the normalized score mean_t(mean(correct[t]) / refs[t])."
-    bad = [t for t in correct if not refs.get(t) or not np.isfinite(refs[t])]
-    if bad: raise ValueError(f"No positive single-task reference for tasks {bad}: cannot normalize")
+    _checked_refs(list(correct), refs)
     T, N = len(correct), sum(len(c) for c in correct.values())
     return np.concatenate([np.asarray(c, float) * N / (T * len(c) * refs[t]) for t, c in correct.items()])
 

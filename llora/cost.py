@@ -655,7 +655,7 @@ def merge_cost(task_vectors:list, # the task vectors to merge
             del out
     diffs = {}
     for m in methods:
-        ks = [f"{m}|{i}" for mm, i in _pairs([m], impls)]
+        ks = [f"{m}|{i}" for _, i in _pairs([m], impls)]
         for k in ks: diffs[k] = _tv_diff(outs[k], outs[ks[0]])
     outs.clear(); gc.collect()
     runs = pd.DataFrame(runs)
