@@ -12,6 +12,7 @@ import pandas as pd
 from .evaluate import applied, predictions
 from .evidence import B_DEFAULT, paired_ci
 from .metrics import normalized_score
+from .tasks import example_scores
 
 # %% auto #0
 __all__ = ['KEEP_CONTROL', 'lambda_grid', 'edited_predictions', 'per_example_correct', 'edited_correct', 'addition_curve',
@@ -52,10 +53,11 @@ def per_example_correct(task, # the task (its `metric` and `score`)
                         preds:Sequence, refs:Sequence, # predictions and references, in the same order
                        ) -> np.ndarray:
     "1.0 where a prediction scores, else 0.0 (the task's own metric applied to each example)."
-    if task.metric not in ("accuracy", "exact_match"):
+    scores = example_scores(task.metric, preds, refs)
+    if scores is None:
         raise ValueError(f"Task {task.name!r} is scored by {task.metric}, which has no per-example value; "
                          f"task arithmetic here needs accuracy or exact-match tasks")
-    return np.array([task.score([p], [r]) for p, r in zip(preds, refs)], dtype=float)
+    return np.array(scores, dtype=float)
 
 def edited_correct(model, tv:Mapping|None, scaling:float, task, split:str="test", max_examples:int|None=None,
                    batch_size:int=64, # as in `edited_predictions`

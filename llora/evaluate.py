@@ -16,7 +16,7 @@ from .core import progress
 from .data import references, split_inputs
 from .models import TaskModel
 from .task_vectors import TaskVector
-from .tasks import score as task_score
+from .tasks import correct_text, example_scores, score as task_score
 from .train import (LORA_MODES, MODES, amp_dtype, autocast, check_fits, checkpoint_dir, checkpoint_model_kw, load_meta,
                          load_trainable, prepare, resolve_device, resolve_task, theta0)
 
@@ -102,15 +102,20 @@ def evaluate(model:TaskModel, # a model (a `prepare`d one, a fine-tuned one, or 
              mixed_precision:str="auto", # `llora.train.MIXED_PRECISION`; "auto": bf16 (or fp16) on GPU, fp32 on CPU
              device:str|torch.device|None=None, # move the model there first (`resolve_device`); None: where it is
              show_progress:bool=False, # a progress bar over tasks
+             per_example:bool=False, # add `correct`: each example's 0/1 result as a string (`llora.tasks.correct_text`; None for spearman)
             ) -> pd.DataFrame:
-    "Scores of `model` on `tasks`: a DataFrame with columns task, metric, score, n."
+    "Scores of `model` on `tasks`: a DataFrame with columns task, metric, score, n (and `correct`, with `per_example`)."
     if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)): tasks = [tasks]
     rows = []
     for t in progress(tasks, desc="evaluate", disable=not show_progress or None):
         t = resolve_task(t)
         p, r = predictions(model, t, split, batch_size, max_examples, mixed_precision, device)
-        rows.append(dict(task=t.name, metric=getattr(t, "metric", "accuracy"), score=metric_score(t, p, r), n=len(r)))
-    return pd.DataFrame(rows, columns=["task", "metric", "score", "n"])
+        metric = getattr(t, "metric", "accuracy")
+        rows.append(dict(task=t.name, metric=metric, score=metric_score(t, p, r), n=len(r)))
+        if per_example:
+            ex = example_scores(metric, p, r)
+            rows[-1]["correct"] = None if ex is None else correct_text(ex)
+    return pd.DataFrame(rows, columns=["task", "metric", "score", "n"] + (["correct"] if per_example else []))
 
 # %% ../nbs/09_evaluate.ipynb #e4a1ce01
 def precision_agreement(model:TaskModel, # the model to compare (e.g. inside `applied`)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 import pandas as pd
+from .tasks import correct_values
 
 # %% auto #0
 __all__ = ['B_DEFAULT', 'MIN_UNITS', 'percentile_interval', 'fusion_difference_ci', 'paired_ci', 'fusion_per_task',
@@ -31,12 +32,14 @@ def _shared_shift(rng, mean:np.ndarray, n, proportion:np.ndarray, B:int) -> np.n
     if m.any(): out[:, m] = rng.binomial(n[m].astype(int), np.clip(mean[m], 0, 1), size=(B, int(m.sum()))) / n[m] - mean[m]
     return out
 
-def fusion_difference_ci(per_task:pd.DataFrame, # one row per (subset, task, finetune_mode): subset, task, finetune_mode, score, ref (+ metric, n)
+def fusion_difference_ci(per_task:pd.DataFrame, # one row per (subset, task, finetune_mode): subset, task, finetune_mode, score, ref (+ metric, n, correct)
                          a:str="lora", b:str="l_lora", # the difference is b − a
                          n_test:int|None=None, # test examples per task when `per_task` has no `n` column (None: no example noise)
                          B:int=B_DEFAULT, seed:int=0, level:float=0.95,
                         ) -> dict:
     "Mean over subsets of normalized(b) − normalized(a), with its paired bootstrap interval over subsets and test examples."
+    # with a `correct` column (each example's 0/1 result, `llora.tasks.correct_text`) a task's examples are resampled
+    # themselves, the same draw for both modes and every subset; else their shared luck is redrawn per mode (parametric)
     need = {"subset", "task", "finetune_mode", "score", "ref"}
     if not need <= set(per_task.columns): raise ValueError(f"per_task needs columns {sorted(need)}; has {list(per_task.columns)}")
     two = per_task[per_task.finetune_mode.isin([a, b])]
@@ -57,13 +60,34 @@ def fusion_difference_ci(per_task:pd.DataFrame, # one row per (subset, task, fin
         return np.stack([np.bincount(sid, weights=r, minlength=S) for r in x]) / np.bincount(sid, minlength=S)
     sa, sb = w[a].to_numpy(float), w[b].to_numpy(float)
     mean_a, mean_b = (pd.Series(x).groupby(tid).mean().to_numpy() for x in (sa, sb))
-    da = per_subset((sa + _shared_shift(rng, mean_a, n, prop, B)[:, tid]) / ref_a)
-    db = per_subset((sb + _shared_shift(rng, mean_b, n, prop, B)[:, tid]) / ref_b)
+    rep_a, rep_b = sa + _shared_shift(rng, mean_a, n, prop, B)[:, tid], sb + _shared_shift(rng, mean_b, n, prop, B)[:, tid]
+    paired = _example_resampled(two, w.index, tid, tasks, (a, b), (sa, sb), (rep_a, rep_b), rng, B) if n is not None else 0
+    da, db = per_subset(rep_a / ref_a), per_subset(rep_b / ref_b)
     pick = rng.integers(0, S, size=(B, S))  # subsets resampled with replacement, the same for both modes
     reps = np.take_along_axis(db - da, pick, axis=1).mean(1)
     point = float((per_subset((sb / ref_b)[None]) - per_subset((sa / ref_a)[None])).mean())
     low, high = percentile_interval(reps, level)
-    return dict(estimate=point, ci_low=low, ci_high=high, n_subsets=S, n_tasks=len(tasks))
+    return dict(estimate=point, ci_low=low, ci_high=high, n_subsets=S, n_tasks=len(tasks), paired_tasks=paired)
+
+def _example_resampled(two, index, tid, tasks, modes, scores, reps, rng, B:int) -> int:
+    "Overwrite `reps` (per mode, (B, rows)) of every task whose rows all carry `correct` with example-resampled scores."
+    if "correct" not in two: return 0
+    cw = two.pivot_table(index=["subset", "task"], columns="finetune_mode", values="correct", aggfunc="first").reindex(index)
+    done = 0
+    for k, t in enumerate(tasks):
+        rows = np.flatnonzero(tid == k)
+        texts = [cw[m].iloc[rows] if m in cw else None for m in modes]
+        if any(x is None or x.isna().any() for x in texts): continue
+        bits = [np.array([correct_values(s) for s in x], dtype=float) for x in texts]
+        if len({b.shape[1] for b in bits}) != 1:
+            raise ValueError(f"task {t!r}: the modes' per-example results have different lengths; both must be scored on the same examples")
+        for b, s in zip(bits, scores):
+            if np.abs(b.mean(1) - s[rows]).max() > 1e-9: raise ValueError(f"task {t!r}: per-example results do not match the scores")
+        n_t = bits[0].shape[1]
+        draw = rng.multinomial(n_t, np.full(n_t, 1 / n_t), size=B) / n_t  # (B, n_t): how often each example is drawn
+        for b, r in zip(bits, reps): r[:, rows] = draw @ b.T
+        done += 1
+    return done
 
 MIN_UNITS = 5  # fewer units than this give no interval: a bootstrap of 2 or 3 values says nothing
 
@@ -84,11 +108,13 @@ def fusion_per_task(best:pd.DataFrame, # exp_fusion's best.csv: the selected mer
                     sweep:pd.DataFrame, # exp_fusion's sweep.csv: every merged model's score per task
                     single:pd.DataFrame, # exp_fusion's single_task.csv: the references
                     split:str="test", # the split the claims are scored on
+                    examples:pd.DataFrame|None=None, # exp_fusion's examples.csv: each test example's result (adds `correct`)
                    ) -> pd.DataFrame:
     "Per (mode, method, subset, task): the selected merged model's score and its single-task reference (`ref`)."
     keys = ["model", "finetune_mode", "method", "subset", "hparams", "split"]
     rows = best[best.split == split][keys].merge(sweep[keys + ["n_tasks", "task", "score"]], on=keys, how="left")
     if rows.score.isna().any(): raise ValueError("fusion_per_task: best.csv names merged models that sweep.csv lacks")
+    if examples is not None: rows = rows.merge(examples[keys + ["task", "correct"]], on=keys + ["task"], how="left")
     ref = (single[(single.step > 0) & (single.split == split)].groupby(["finetune_mode", "task"]).score.first()
            .rename("ref").reset_index())
     return rows.merge(ref, on=["finetune_mode", "task"], how="inner")

@@ -16,13 +16,14 @@ import pandas as pd
 from .core import atomic_write_text, is_offline, progress, save_csv
 
 # %% auto #0
-__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN', 'EMBEDDED_GRIDS', 'EMBEDDED_LEARNING',
-           'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets', 'n_subsets',
-           'subset_name', 'LocalExecutor', 'forwarded_env', 'RayExecutor', 'get_executor', 'canonical_json', 'key_hash',
-           'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'vectors_device', 'FusionSetup', 'SingleUnit',
-           'single_unit', 'mean_normalized', 'FusionUnit', 'merge_inputs', 'lora_native', 'fusion_unit', 'FinetuneJob',
-           'finetune_job', 'ensure_checkpoints', 'SweepResult', 'run_fusion_sweep', 'aggregate_sweep', 'int_param',
-           'resolve_setup', 'resolve_profile', 'parse_pairs', 'profile_models', 'MissingInputsError', 'check_available']
+__all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN', 'EXAMPLE_SCHEMA', 'EMBEDDED_GRIDS',
+           'EMBEDDED_LEARNING', 'SMOKE_GRIDS', 'PAPER_MODELS', 'PROFILES', 'ALL_METHODS', 'SWEEP_DEFAULTS', 'subsets',
+           'n_subsets', 'subset_name', 'LocalExecutor', 'forwarded_env', 'RayExecutor', 'get_executor',
+           'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'vectors_device',
+           'FusionSetup', 'SingleUnit', 'single_unit', 'mean_normalized', 'FusionUnit', 'merge_inputs', 'lora_native',
+           'fusion_unit', 'FinetuneJob', 'finetune_job', 'ensure_checkpoints', 'SweepResult', 'split_examples',
+           'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup', 'resolve_profile', 'parse_pairs',
+           'profile_models', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -400,12 +401,19 @@ class FusionSetup:
                tasks:Sequence[str]|None=None, # default: all tasks
               ) -> dict:
         "`{task: score}` of θ0 + tv."
+        df = self.evaluated(tv, split, tasks)
+        return {t: float(s) for t, s in zip(df["task"], df["score"])}
+
+    def evaluated(self, tv, # task vector added to θ0 (None: θ0)
+                  split:str, # evaluation split
+                  tasks:Sequence[str]|None=None, # default: all tasks
+                 ) -> pd.DataFrame:
+        "`llora.evaluate.evaluate` of θ0 + tv with each example's result (`correct`)."
         m, _ = self.context()
         with applied(m, tv):
-            df = evaluate(m, [resolve_task(t, self.data_root) for t in (tasks or self.tasks)], split=split,
-                          batch_size=self.batch_size, max_examples=self.max_examples(split),
-                          mixed_precision=self.mixed_precision)
-        return {t: float(s) for t, s in zip(df["task"], df["score"])}
+            return evaluate(m, [resolve_task(t, self.data_root) for t in (tasks or self.tasks)], split=split,
+                            batch_size=self.batch_size, max_examples=self.max_examples(split),
+                            mixed_precision=self.mixed_precision, per_example=True)
 
     def fingerprint(self) -> str:
         "Hash of the checkpoints' configurations: a retrained checkpoint invalidates the stored shards."
@@ -472,10 +480,12 @@ class FusionUnit:
                     method_kwargs=json.loads(self.method_kwargs),  # what a data-driven method reads (LoraHub: the loss)
                     **({"reads": DATA_DRIVEN[self.method]} if self.method in DATA_DRIVEN else {}))
 
-def _rows(s:FusionSetup, method:str, subset, hp:dict, split:str, scores:dict) -> list[dict]:
-    h = hparams_json(hp)
+def _rows(s:FusionSetup, method:str, subset, hp:dict, split:str, ev:pd.DataFrame) -> list[dict]:
+    "Tidy rows (`SCHEMA`) of one merged model's `FusionSetup.evaluated`; test rows keep each example's result (`correct`)."
+    h, ev = hparams_json(hp), ev.set_index("task")
     return [dict(model=s.model, finetune_mode=result_mode(s.mode), method=method, subset=subset_name(subset),
-                 n_tasks=len(subset), hparams=h, task=t, split=split, score=scores[t]) for t in s.tasks]
+                 n_tasks=len(subset), hparams=h, task=t, split=split, score=float(ev.score[t]),
+                 **({"correct": ev.correct[t]} if split == "test" else {})) for t in s.tasks]
 
 def _lorahub_hparams(weights) -> dict:
     return {"weights": [round(float(w), 6) for w in np.asarray(weights, dtype=float).ravel()]}
@@ -533,8 +543,8 @@ def fusion_unit(u:FusionUnit) -> list[dict]:
     rows, best = [], None
     if u.method == "lorahub":
         tv, weights = fuse("lorahub", parts, **kw)
-        hp = _lorahub_hparams(weights); sc = s.scores(tv, sel)
-        rows += _rows(s, u.method, u.subset, hp, sel, sc)
+        hp = _lorahub_hparams(weights)
+        rows += _rows(s, u.method, u.subset, hp, sel, s.evaluated(tv, sel))
         best = (hp, tv)
     elif len(u.grid) == 1:  # nothing to select (e.g. simple average): straight to test
         hp = json.loads(u.grid[0]); tv, learned = _learned(fuse(u.method, parts, **hp, **kw)); best = ({**hp, **learned}, tv)
@@ -543,12 +553,12 @@ def fusion_unit(u:FusionUnit) -> list[dict]:
         for g in u.grid:
             tv, learned = _learned(fuse(u.method, parts, **json.loads(g), **kw))
             hp = {**json.loads(g), **learned}
-            sc = s.scores(tv, sel)
-            rows += _rows(s, u.method, u.subset, hp, sel, sc)
-            v = mean_normalized(sc, refs[sel])
+            ev = s.evaluated(tv, sel)
+            rows += _rows(s, u.method, u.subset, hp, sel, ev)
+            v = mean_normalized(dict(zip(ev.task, ev.score)), refs[sel])
             if v > best_val or best is None: best_val, best = v, (hp, tv)  # first best in grid order wins ties
     if sel != "test" or not rows:  # the selected point on test (unless the loop above already scored it there)
-        rows += _rows(s, u.method, u.subset, best[0], "test", s.scores(best[1], "test"))
+        rows += _rows(s, u.method, u.subset, best[0], "test", s.evaluated(best[1], "test"))
     return rows
 
 # %% ../nbs/10_sweep.ipynb #df512646
@@ -590,8 +600,19 @@ class SweepResult:
     single: pd.DataFrame # single-task rows (`llora.results.SINGLE_SCHEMA`)
     paths: dict # name -> written file
     seconds: dict # stage -> wall-clock seconds
+    examples: pd.DataFrame|None = None # each test row's per-example results (`EXAMPLE_SCHEMA`), for paired intervals
 
     def aggregate(self, select_on:str="validation") -> Aggregate: return aggregate_sweep(self.results, self.single, select_on)
+
+EXAMPLE_SCHEMA = ["model", "finetune_mode", "method", "subset", "hparams", "split", "task", "correct"]
+
+def split_examples(rows:pd.DataFrame, # fusion rows, test rows with `correct` (shards of before it have none)
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(the rows without `correct`, the per-example results of the rows that have them: `EXAMPLE_SCHEMA`)."
+    has = rows["correct"].notna() if "correct" in rows else pd.Series(False, index=rows.index)
+    examples = rows[has].assign(hparams=lambda d: d.hparams.map(hparams_json))[EXAMPLE_SCHEMA] if has.any() else \
+               pd.DataFrame(columns=EXAMPLE_SCHEMA)
+    return rows.drop(columns="correct", errors="ignore"), examples.reset_index(drop=True)
 
 def _grid(method:str, grids:dict|None) -> list[dict]:
     if grids and method in grids: g = grids[method]
@@ -627,7 +648,7 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
                      cpus_per_job:float=1, # CPUs of each job (fine-tune or shard), for executor="ray"
                      gpus_per_job:float=0, # GPUs of each job, for executor="ray" (1: every concurrent job has its own)
                     ) -> SweepResult:
-    "The subset × grid fusion sweep; resumable (shards in `<out_dir>/shards`); writes `sweep.csv` and `single_task.csv`."
+    "The subset × grid fusion sweep; resumable (shards in `<out_dir>/shards`); writes `sweep.csv`, `examples.csv`, `single_task.csv`."
     if select_on not in ("validation", "test"): raise ValueError(f"select_on must be 'validation' or 'test', not {select_on!r}")
     bad = [m for m in modes if m not in MODES]
     if bad: raise ValueError(f"Unknown fine-tuning mode(s) {bad}; valid: {MODES}")
@@ -670,11 +691,13 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
            for m in modes for me in methods if (m, me) not in skip for sub in subs]
     results = run_sweep(fusion_unit, fus, store, key=lambda u: u.key(), executor=ex, desc="fusion")
     secs["fusion"] = time.perf_counter() - t2
+    results, examples = split_examples(results)
     results = check_results(results, source=str(store.root), nan="keep")
-    paths = {"sweep": write_results(results, out_dir/"sweep.csv"), "single": out_dir/"single_task.csv"}
+    paths = {"sweep": write_results(results, out_dir/"sweep.csv"), "single": out_dir/"single_task.csv",
+             "examples": save_csv(examples, out_dir/"examples.csv", index=False)}
     save_csv(single[SINGLE_SCHEMA], paths["single"], index=False)
     secs["total"] = time.perf_counter() - t0
-    return SweepResult(results, single[SINGLE_SCHEMA], paths, secs)
+    return SweepResult(results, single[SINGLE_SCHEMA], paths, secs, examples)
 
 # %% ../nbs/10_sweep.ipynb #1fa25ebc
 def aggregate_sweep(results:pd.DataFrame, # tidy rows of `run_fusion_sweep`

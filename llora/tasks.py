@@ -18,12 +18,12 @@ __all__ = ['KINDS', 'METRICS', 'SPLITS', 'TASKS', 'GROUPS', 'ARCHIVES', 'REUTERS
            'EMBEDDED_SIZES', 'EMBEDDED_BENCHMARK', 'PAPER_TEMPLATE', 'CARS_CLASSES', 'SUN397_CLASSES', 'DTD_CLASSES',
            'EUROSAT_CLASSES', 'GTSRB_CLASSES', 'RESISC45_CLASSES', 'VISION_TASKS', 'GLUE_TSV_DIRS', 'VISION_DIRS',
            'CLASS_ALIASES', 'GLUE_TSV_COLUMNS', 'TORCHVISION_LAYOUTS', 'SOURCE_KINDS', 'SPLIT_NOTE', 'MNIST_5K_SIZES',
-           'GLUE_TASKS', 'GLUE_HUB', 'Task', 'score', 'register_task', 'get_task', 'list_tasks', 'Archive',
-           'DataFetchError', 'verify_sha256', 'fetch_archive', 'fetch_archives', 'balanced_splits', 'clean_text',
-           'read_orange_tab', 'first_sentences', 'rows_rt_polarity', 'rows_rt_subjectivity', 'rows_reuters',
-           'rows_newsgroups', 'rows_election_tweets', 'email_text', 'rows_spam', 'rows_health_tweets',
-           'build_embedded_splits', 'embedded_data', 'load_embedded', 'register_embedded', 'task_table',
-           'DataNotFoundError', 'data_root', 'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache',
+           'GLUE_TASKS', 'GLUE_HUB', 'Task', 'score', 'example_scores', 'correct_text', 'correct_values',
+           'register_task', 'get_task', 'list_tasks', 'Archive', 'DataFetchError', 'verify_sha256', 'fetch_archive',
+           'fetch_archives', 'balanced_splits', 'clean_text', 'read_orange_tab', 'first_sentences', 'rows_rt_polarity',
+           'rows_rt_subjectivity', 'rows_reuters', 'rows_newsgroups', 'rows_election_tweets', 'email_text', 'rows_spam',
+           'rows_health_tweets', 'build_embedded_splits', 'embedded_data', 'load_embedded', 'register_embedded',
+           'task_table', 'DataNotFoundError', 'data_root', 'task_dirs', 'SourceSplit', 'TaskCopy', 'find_hub_cache',
            'find_save_to_disk', 'find_parquet', 'find_csv', 'read_glue_tsv', 'find_glue_tsv', 'find_image_folder',
            'find_class_folders', 'MatImages', 'find_torchvision', 'SourceKind', 'task_sources', 'find_copy',
            'label_mapper', 'ExampleView', 'paper_example', 'prompted_example', 'load_paper_task', 'digit_image',
@@ -126,15 +126,28 @@ def score(metric:str, # "accuracy", "exact_match" or "spearman"
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions: return float("nan")
-    if metric == "accuracy":
-        return sum(int(p) == int(r) for p, r in zip(predictions, references)) / len(predictions)
-    if metric == "exact_match":
-        return sum(str(p).strip() == str(r).strip() for p, r in zip(predictions, references)) / len(predictions)
     if metric == "spearman":
         from scipy.stats import spearmanr
         rho = spearmanr([_to_float(p) for p in predictions], [_to_float(r) for r in references]).statistic
         return float(rho)
+    return sum(example_scores(metric, predictions, references)) / len(predictions)
+
+def example_scores(metric:str, # "accuracy", "exact_match" or "spearman"
+                   predictions:list, references:list) -> list[int]|None:
+    "1 where a prediction is right, else 0, per example; None for a metric of the whole split (spearman)."
+    if metric == "accuracy": return [int(int(p) == int(r)) for p, r in zip(predictions, references)]
+    if metric == "exact_match": return [int(str(p).strip() == str(r).strip()) for p, r in zip(predictions, references)]
+    if metric == "spearman": return None
     raise ValueError(f"Unknown metric {metric!r}; use one of {METRICS}")
+
+def correct_text(values:list[int]) -> str:
+    "Per-example 0/1 results as one compact string (a CSV cell), in the split's example order: `[1, 0, 1]` → `'101'`."
+    return "".join("1" if v else "0" for v in values)
+
+def correct_values(text:str) -> list[int]:
+    "The inverse of `correct_text`."
+    if not isinstance(text, str) or set(text) - {"0", "1"}: raise ValueError(f"not a string of 0/1 results: {text!r}")
+    return [int(c) for c in text]
 
 # %% ../nbs/06_tasks.ipynb #cc8264ae
 TASKS: dict[str, Task] = {}

@@ -5,6 +5,7 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -115,7 +116,8 @@ def test_sweep_with_no_usable_reference_keeps_the_first_grid_point(monkeypatch):
     import llora.sweep as S
     tv = {"w": torch.ones(2)}
     monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, {"a": tv, "b": tv}))
-    monkeypatch.setattr(S.FusionSetup, "scores", lambda self, tv, split, tasks=None: {"a": 0.1, "b": 0.2})
+    monkeypatch.setattr(S.FusionSetup, "evaluated", lambda self, tv, split, tasks=None: pd.DataFrame(
+        dict(task=["a", "b"], metric="accuracy", score=[0.1, 0.2], n=1, correct=None)))
     setup = S.FusionSetup("minilm-l6", "lora", ("a", "b"), "/nonexistent", True)
     grid = tuple(S.canonical_json(h) for h in ({"scaling": 0.3}, {"scaling": 0.7}))
     refs = json.dumps({sp: {"a": 0.0, "b": 0.0} for sp in ("validation", "test")})
@@ -221,7 +223,7 @@ def test_report_names_missing_inputs_and_writes_a_partial_report_only_when_asked
     partial = tmp_path / "partial"
     shutil.copytree(RESULTS / "embedded" / "similarity", partial / "similarity")  # only exp_similarity was run
     out = _report_out(tmp_path); before = (out / "report.md").read_bytes()
-    with pytest.raises(pm.PapermillExecutionError, match=r"5 input file\(s\) missing: .*fusion/table1\.csv.*allow_missing"):
+    with pytest.raises(pm.PapermillExecutionError, match=r"6 input file\(s\) missing: .*fusion/table1\.csv.*linear_only/claims\.csv.*allow_missing"):
         run_report(tmp_path, results_dir=str(partial), out_dir=str(out))
     assert (out / "report.md").read_bytes() == before
     run_report(tmp_path, results_dir=str(partial), out_dir=str(out), allow_missing=True)

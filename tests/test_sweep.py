@@ -172,6 +172,10 @@ def test_ray_missing_message(monkeypatch):
 
 
 # ---------------------------------------------------------------- hyperparameter selection: validation vs test
+def scores_frame(scores:dict, correct:dict|None=None) -> pd.DataFrame:
+    "What `FusionSetup.evaluated` returns, for scores given by hand."
+    return pd.DataFrame([dict(task=t, metric="accuracy", score=s, n=1, correct=(correct or {}).get(t)) for t, s in scores.items()])
+
 def test_selection_on_validation_vs_test(monkeypatch):
     "select_on='validation' reports test scores at the validation-best grid point; 'test' keeps every grid point."
     import json, torch
@@ -182,10 +186,10 @@ def test_selection_on_validation_vs_test(monkeypatch):
     tvs = {t: TaskVector({"w": torch.tensor([1.0])}) for t in tasks}
     monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, tvs))
     peak = {"validation": 1.0, "test": 2.0}  # merged w = scaling * n_tasks; pairs: val prefers 0.5, test prefers 1.0
-    def fake_scores(self, tv, split, tasks_=None):
+    def fake_evaluated(self, tv, split, tasks_=None):
         w = float(tv["w"][0])
-        return {t: 1.0 - abs(w - peak[split]) / 4 for t in (tasks_ or self.tasks)}
-    monkeypatch.setattr(S.FusionSetup, "scores", fake_scores)
+        return scores_frame({t: 1.0 - abs(w - peak[split]) / 4 for t in (tasks_ or self.tasks)})
+    monkeypatch.setattr(S.FusionSetup, "evaluated", fake_evaluated)
     setup = S.FusionSetup("toy", "l_lora", tasks, "/nonexistent")
     grid = tuple(S.canonical_json({"scaling": s}) for s in (0.5, 1.0))
     refs = json.dumps({sp: {t: 1.0 for t in tasks} for sp in ("validation", "test")})
@@ -217,9 +221,9 @@ def test_single_grid_point_goes_straight_to_test(monkeypatch):
     tasks = ("a", "b")
     monkeypatch.setattr(S.FusionSetup, "context", lambda self: (None, {t: TaskVector({"w": torch.tensor([1.0])}) for t in tasks}))
     calls = []
-    def fake_scores(self, tv, split, tasks_=None):
-        calls.append(split); return {t: 0.5 for t in self.tasks}
-    monkeypatch.setattr(S.FusionSetup, "scores", fake_scores)
+    def fake_evaluated(self, tv, split, tasks_=None):
+        calls.append(split); return scores_frame({t: 0.5 for t in self.tasks})
+    monkeypatch.setattr(S.FusionSetup, "evaluated", fake_evaluated)
     setup = S.FusionSetup("toy", "lora", tasks, "/nonexistent")
     refs = json.dumps({sp: {t: 1.0 for t in tasks} for sp in ("validation", "test")})
     for sel in ("validation", "test"):
@@ -289,3 +293,30 @@ def test_lora_native_regmean_and_lorahub_in_a_sweep(tmp_path, monkeypatch, capsy
     with torch.no_grad(): zero = m.logits(task, batch)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
     assert (logits[0] - zero).abs().max() > 1e-3  # the merge moved the model
+
+
+# ---------------------------------------------------------------- per-example results (issue 16, item 2)
+def test_sweep_keeps_each_test_examples_result_for_paired_intervals(tmp_path, monkeypatch):
+    """run_fusion_sweep writes examples.csv: every test row's per-example 0/1 results, whose mean is the row's score;
+    through `fusion_per_task` they make `fusion_difference_ci` resample examples, paired across the two modes."""
+    from llora import sweep as S
+    from llora.evidence import fusion_difference_ci, fusion_per_task
+    from llora.tasks import correct_values
+    monkeypatch.setenv("LLORA_PROGRESS", "0")
+    tasks = list(S.EMBEDDED_BENCHMARK[:2])
+    res = S.run_fusion_sweep("minilm-l6", ["lora", "l_lora"], ["task_arithmetic"], tasks, tmp_path / "out",
+                             ckpt_root=tmp_path / "ck", preset="tiny", tiny=True, train_overrides={"steps": 2},
+                             val_examples=4, test_examples=8, device="cpu",
+                             grids={"task_arithmetic": [{"scaling": 0.5}, {"scaling": 1.0}]})
+    ex = pd.read_csv(res.paths["examples"], dtype={"correct": str})
+    assert list(ex.columns) == S.EXAMPLE_SCHEMA and set(ex.split) == {"test"} and "correct" not in res.results
+    test = res.results[res.results.split == "test"]
+    merged = test.merge(ex, on=["model", "finetune_mode", "method", "subset", "hparams", "split", "task"], validate="1:1")
+    assert len(merged) == len(test) == len(ex) == 2 * len(tasks)  # 2 modes × one subset (a+b) × its tasks
+    for r in merged.itertuples():
+        bits = correct_values(r.correct)
+        assert len(bits) == 8 and abs(sum(bits) / 8 - r.score) < 1e-12
+    agg = res.aggregate()
+    per_task = fusion_per_task(agg.best.assign(split="test"), res.results, res.single, examples=ex)
+    c = fusion_difference_ci(per_task, n_test=8, B=200)
+    assert c["paired_tasks"] == len(tasks) and c["ci_low"] <= c["estimate"] <= c["ci_high"]
