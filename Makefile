@@ -34,7 +34,7 @@ main: install
 EXPERIMENTS = exp_finetune exp_fusion exp_similarity exp_disentanglement exp_landscape exp_prompts exp_linear_only report
 results: install
 	for nb in $(EXPERIMENTS); do \
-	  args=""; if [ $$nb = exp_fusion ]; then args="-p method all"; fi; \
+	  args=""; if [ $$nb = exp_fusion ]; then args="-p method all -p test_examples 128"; fi; \
 	  $(PAPERMILL) nbs/$$nb.ipynb nbs/$$nb.ipynb -k python3 --cwd nbs $$args || exit 1; \
 	  $(BIN)/python -c "import nbformat as f, sys; p=sys.argv[1]; nb=f.read(p, 4); nb.cells=[c for c in nb.cells if 'injected-parameters' not in c.metadata.get('tags', [])]; [c.update(outputs=[o for o in c.outputs if o.get('name') != 'stderr']) for c in nb.cells if c.cell_type == 'code']; f.write(nb, p)" nbs/$$nb.ipynb || exit 1; \
 	done
