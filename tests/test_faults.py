@@ -223,7 +223,7 @@ def test_report_names_missing_inputs_and_writes_a_partial_report_only_when_asked
     partial = tmp_path / "partial"
     shutil.copytree(RESULTS / "embedded" / "similarity", partial / "similarity")  # only exp_similarity was run
     out = _report_out(tmp_path); before = (out / "report.md").read_bytes()
-    with pytest.raises(pm.PapermillExecutionError, match=r"6 input file\(s\) missing: .*fusion/table1\.csv.*linear_only/claims\.csv.*allow_missing"):
+    with pytest.raises(pm.PapermillExecutionError, match=r"5 input file\(s\) missing: .*fusion/table1\.csv.*allow_missing"):
         run_report(tmp_path, results_dir=str(partial), out_dir=str(out))
     assert (out / "report.md").read_bytes() == before
     run_report(tmp_path, results_dir=str(partial), out_dir=str(out), allow_missing=True)
