@@ -141,13 +141,14 @@ def example_scores(metric:str, # "accuracy", "exact_match" or "spearman"
     raise ValueError(f"Unknown metric {metric!r}; use one of {METRICS}")
 
 def correct_text(values:list[int]) -> str:
-    "Per-example 0/1 results as one compact string (a CSV cell), in the split's example order: `[1, 0, 1]` → `'101'`."
-    return "".join("1" if v else "0" for v in values)
+    "Per-example 0/1 results as one compact string (a CSV cell), in the split's example order: `[1, 0, 1]` → `'yny'`."
+    return "".join("y" if v else "n" for v in values)  # letters: a CSV reader would take '0110' for the number 110
 
 def correct_values(text:str) -> list[int]:
     "The inverse of `correct_text`."
-    if not isinstance(text, str) or set(text) - {"0", "1"}: raise ValueError(f"not a string of 0/1 results: {text!r}")
-    return [int(c) for c in text]
+    if not isinstance(text, str) or not text or set(text) - {"y", "n"}:
+        raise ValueError(f"not a string of y/n per-example results: {text!r}")
+    return [int(c == "y") for c in text]
 
 # %% ../nbs/06_tasks.ipynb #cc8264ae
 TASKS: dict[str, Task] = {}
