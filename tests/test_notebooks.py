@@ -56,3 +56,15 @@ def test_plain_papermill_command_line(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     executed = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" and c.source.strip()]
     assert executed and all(c.execution_count for c in executed)
+
+
+@pytest.mark.parametrize("path", PAPERMILL, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_with_its_help(path, caplog):
+    "`papermill --help-notebook` / `inspect_notebook` parse every parameter line (a comment with `x=\"y\":` broke it)."
+    import logging
+    pm = pytest.importorskip("papermill")
+    names = {t.id for s in ast.parse(code_cells(path)[0].source).body for t in s.targets if isinstance(t, ast.Name)}
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        params = pm.inspect_notebook(str(path))
+    assert not [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert set(params) == names and all(p["help"] for p in params.values()), f"{path.name}: parameters without help"
