@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cost.ipynb #763a4114
 from __future__ import annotations
-import contextlib, copy, gc, itertools, json, math, os, platform, subprocess, sys, tempfile, time
+import contextlib, copy, ctypes, gc, itertools, json, math, os, platform, subprocess, sys, tempfile, time
 from pathlib import Path
 from types import SimpleNamespace
 from collections.abc import Mapping
@@ -22,8 +22,8 @@ __all__ = ['COST_TASK', 'COST_MODES', 'INFERENCE_VARIANTS', 'PAPER_TABLE4', 'TRA
            'checkpoint_bytes', 'peak_memory', 'peak_memory_each', 'torch_threads', 'state_bytes', 'interleaved_timings',
            'paired_ratios', 'timing_summary', 'synthetic_batch', 'train_step_fn', 'inference_step_fn',
            'base_cost_model', 'build_cost_models', 'measure_model', 'step_flops', 'ntk_flop_table', 'openclip_shapes',
-           'random_task_vectors', 'dense_task_arithmetic_reference', 'merge_rss', 'merge_cost', 'merge_cost_isolated',
-           'merge_rss_table', 'markdown_table', 'environment', 'write_tables']
+           'random_task_vectors', 'dense_task_arithmetic_reference', 'release_heap', 'merge_rss', 'merge_cost',
+           'merge_cost_isolated', 'merge_rss_table', 'markdown_table', 'environment', 'write_tables']
 
 # %% ../nbs/11_cost.ipynb #eb6076a9
 def _is_phi0(name:str) -> bool: return name.rsplit(".", 1)[-1].startswith("phi0_")
@@ -581,6 +581,12 @@ def _tv_diff(a, b) -> float:
 MERGE_IMPLS = ("llora.fusion", "dense")
 
 # %% ../nbs/11_cost.ipynb #e0a44441
+def release_heap():
+    "Collect garbage and hand the C heap's free pages back to the system (glibc `malloc_trim`; elsewhere a no-op)."
+    gc.collect()
+    try: ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError): pass
+
 def _status_kb(key:str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"): return int(line.split()[1])
@@ -596,7 +602,12 @@ def _in_subprocess(worker:str, # a function of this module taking the JSON spec 
     "Run `worker(spec)` in a fresh Python process; its last printed line, parsed."
     code = f"from llora.cost import {worker}; {worker}({json.dumps(spec)!r})"
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    release_heap()  # the worker needs the memory this process freed (the models measured before it)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode == -9:
+        raise MemoryError(f"{worker} was killed (SIGKILL: out of memory?) while this process held {_status_kb('VmRSS') / 1024:,.0f} MB; "
+                          f"the dense references need about 14 GB for 7 ViT-B/16 task vectors: run the merge table in a "
+                          f"process of its own (results/cost/merge_table.py) or on a machine with more memory")
     if p.returncode != 0: raise RuntimeError(f"{worker} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 

@@ -120,3 +120,12 @@ def test_merge_cost_streamed_vs_dense():
 def test_markdown_table():
     md = markdown_table(pd.DataFrame(dict(x=[1234567, 2], y=[0.12345, float("nan")])))
     assert md.splitlines() == ["| x | y |", "|---|---|", "| 1,234,567 | 0.1235 |", "| 2 | – |"]
+
+
+def test_a_merge_worker_killed_for_memory_names_the_way_out(monkeypatch):
+    "A merge subprocess killed by the kernel (exit -9, out of memory) raises MemoryError naming the stand-alone script."
+    import subprocess
+    import llora.cost as C
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9, "", ""))
+    with pytest.raises(MemoryError, match=r"merge_table\.py"):
+        C.merge_cost_isolated(n=2, shapes={"w": (4, 4)})
