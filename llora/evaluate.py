@@ -102,7 +102,7 @@ def evaluate(model:TaskModel, # a model (a `prepare`d one, a fine-tuned one, or 
              mixed_precision:str="auto", # `llora.train.MIXED_PRECISION`; "auto": bf16 (or fp16) on GPU, fp32 on CPU
              device:str|torch.device|None=None, # move the model there first (`resolve_device`); None: where it is
              show_progress:bool=False, # a progress bar over tasks
-             per_example:bool=False, # add `correct`: each example's 0/1 result as a string (`llora.tasks.correct_text`; None for spearman)
+             per_example:bool=False, # add `correct`: each example's result as a y/n string (`llora.tasks.correct_text`; None for spearman)
             ) -> pd.DataFrame:
     "Scores of `model` on `tasks`: a DataFrame with columns task, metric, score, n (and `correct`, with `per_example`)."
     if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)): tasks = [tasks]

@@ -38,7 +38,7 @@ def fusion_difference_ci(per_task:pd.DataFrame, # one row per (subset, task, fin
                          B:int=B_DEFAULT, seed:int=0, level:float=0.95,
                         ) -> dict:
     "Mean over subsets of normalized(b) − normalized(a), with its paired bootstrap interval over subsets and test examples."
-    # with a `correct` column (each example's 0/1 result, `llora.tasks.correct_text`) a task's examples are resampled
+    # with a `correct` column (each example's result as a y/n string, `llora.tasks.correct_text`) a task's examples are resampled
     # themselves, the same draw for both modes and every subset; else their shared luck is redrawn per mode (parametric)
     need = {"subset", "task", "finetune_mode", "score", "ref"}
     if not need <= set(per_task.columns): raise ValueError(f"per_task needs columns {sorted(need)}; has {list(per_task.columns)}")
