@@ -172,9 +172,9 @@ def test_ray_missing_message(monkeypatch):
 
 
 # ---------------------------------------------------------------- hyperparameter selection: validation vs test
-def scores_frame(scores:dict, correct:dict|None=None) -> pd.DataFrame:
-    "What `FusionSetup.evaluated` returns, for scores given by hand."
-    return pd.DataFrame([dict(task=t, metric="accuracy", score=s, n=1, correct=(correct or {}).get(t)) for t, s in scores.items()])
+def scores_frame(scores:dict) -> pd.DataFrame:
+    "What `FusionSetup.evaluated` returns, for scores given by hand (no per-example results)."
+    return pd.DataFrame([dict(task=t, metric="accuracy", score=s, n=1, correct=None) for t, s in scores.items()])
 
 def test_selection_on_validation_vs_test(monkeypatch):
     "select_on='validation' reports test scores at the validation-best grid point; 'test' keeps every grid point."
