@@ -608,9 +608,10 @@ def regmean(task_vectors:Sequence[TaskVector], # task vectors to merge
         if k not in keys: out[k] = scaling * sum(tv[k] for tv in tvs) / len(tvs); continue
         if v.dim() != 2 or any(tuple(g[k].shape) != (v.shape[1], v.shape[1]) for g in grams):
             raise ValueError(f"{where}: {k!r} is {tuple(v.shape)}; its Grams must be ({v.shape[1]}, {v.shape[1]})")
-        G = [g[k].to(v) * alpha + torch.diag(torch.diagonal(g[k].to(v))) * (1 - alpha) for g in grams]
-        rhs = sum(tv[k] @ Gi for tv, Gi in zip(tvs, G))  # Σ τ_i G_i  (out × in)
-        out[k] = scaling * torch.linalg.solve(sum(G), rhs.T).T  # (Σ G)⁻¹ symmetric: X (ΣG) = rhs
+        # float64: Grams of rarely firing inputs (ReLU units) reach condition numbers of 1e7–1e8, where float32 loses digits
+        G = [g[k].to(v.device, torch.float64) * alpha + torch.diag(torch.diagonal(g[k].to(v.device, torch.float64))) * (1 - alpha) for g in grams]
+        rhs = sum(tv[k].double() @ Gi for tv, Gi in zip(tvs, G))  # Σ τ_i G_i  (out × in)
+        out[k] = scaling * torch.linalg.solve(sum(G), rhs.T).T.to(v.dtype)  # (Σ G)⁻¹ symmetric: X (ΣG) = rhs
     return TaskVector(out)
 
 
