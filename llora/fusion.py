@@ -5,7 +5,7 @@
 # %% ../nbs/03_fusion.ipynb #faaa5eda
 from __future__ import annotations
 import hashlib, inspect, math, numbers, re, warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -861,7 +861,7 @@ def _lora_products(task_vectors:list, # task vectors holding the LoRA factors (A
                    scale, # s: number, mapping layer -> s, or one per task
                    point:Mapping|None, # factors at the expansion point (their ΔW is subtracted), or None: B0 = 0
                    where:str,
-                   linearized:bool=False, # L-LoRA: the first-order ΔW_i = s((B_i - B0) A0 + B0 (A_i - A0)) (needs `point`)
+                   linearized:bool|Collection[str]=False, # L-LoRA: the first-order ΔW_i = s((B_i - B0) A0 + B0 (A_i - A0)) (needs `point`); or only for the layers `<m>.<adapter>` named
                   ) -> tuple[dict, list, dict]:
     "{weight key: [(L_i, R_i) per task]} with ΔW_i = L_i R_i = s(B_i A_i - B0 A0) (or its first order); the other keys; the dtypes."
     if linearized and point is None:
@@ -877,6 +877,8 @@ def _lora_products(task_vectors:list, # task vectors holding the LoRA factors (A
                          "`...lora_B...`); pass each layer's A and B, e.g. [lora_factors(tv, point) for tv in task_vectors] "
                          "with `point, scale = lora_expansion_point(model)`")
     unpaired = [l for l, f in layers.items() if "A" not in f or "B" not in f]
+    unknown = [] if isinstance(linearized, bool) else sorted(set(linearized) - set(layers))
+    if unknown: raise ValueError(f"{where}: linearized names {unknown[:3]}, not LoRA layers of the task vectors ({list(layers)[:2]} ...)")
     if unpaired: raise ValueError(f"{where}: LoRA layers without both lora_A and lora_B: {unpaired[:3]}")
     others = [k for k, f in parsed.items() if f is None]
     out, dtypes = {}, {}
@@ -897,7 +899,7 @@ def _lora_products(task_vectors:list, # task vectors holding the LoRA factors (A
                 if A0.shape[1] != A.shape[1] or B0.shape[0] != B.shape[0] or A0.shape[0] != B0.shape[1]:
                     raise ValueError(f"{where}: point's factors of {layer!r} (A {tuple(A0.shape)}, B {tuple(B0.shape)}) do "
                                      f"not fit task vector #{i}'s (A {tuple(A.shape)}, B {tuple(B.shape)})")
-                if linearized:  # what a linearized LoRA layer adds to W0 beyond θ0's s·B0 A0
+                if linearized is True or (linearized and layer in linearized):  # what a linearized LoRA layer adds to W0 beyond θ0's s·B0 A0
                     dA = R - A0
                     L, R = L - s * B0, A0
                     if bool(B0.any()): L, R = torch.cat([L, s * B0], 1), torch.cat([R, dA], 0)
@@ -931,7 +933,7 @@ def knots(task_vectors:Sequence[TaskVector], # each holds the LoRA factors A, B 
           scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
           point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
           merge_with:str="ties", # the method merging the tasks' coordinates in the shared basis (the paper: ties, dare)
-          linearized:bool=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`)
+          linearized:bool|Collection[str]=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`); or only the layers named
           **hparams, # its hyperparameters
          ) -> TaskVector:
     "KnOTS (Stoica et al., ICLR 2025): SVD of [ΔW_1 … ΔW_T], merge the per-task right singular blocks V_i, ΔW = UΣV."
@@ -959,7 +961,7 @@ def core_space(task_vectors:Sequence[TaskVector], # each holds the LoRA factors 
                scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
                point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
                merge_with:str="ties", # the method merging the cores (the paper: ta, ties, tsv_m, iso_c, ...)
-               linearized:bool=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`)
+               linearized:bool|Collection[str]=False, # L-LoRA experts: merge the first-order ΔW_i their linearized layers run (needs `point`); or only the layers named
                **hparams, # its hyperparameters
               ) -> TaskVector:
     "Core Space merging (Panariello et al., NeurIPS 2025): merge the cores U_Bᵀ ΔW_i V_A in bases shared by all tasks."
@@ -980,7 +982,7 @@ def core_space(task_vectors:Sequence[TaskVector], # each holds the LoRA factors 
 def lora_delta_vectors(task_vectors:Sequence[TaskVector], # each holds the LoRA factors A, B of every layer (`lora_factors`)
                        scale:float|Mapping|Sequence, # LoRA scale s = alpha/r: a number, layer -> s, or one of those per task
                        point:Mapping|None=None, # factors at θ0, whose ΔW is subtracted (None: B0 = 0, peft's init)
-                       linearized:bool=False, # L-LoRA experts: the first-order ΔW_i their linearized layers run
+                       linearized:bool|Collection[str]=False, # L-LoRA experts: the first-order ΔW_i their linearized layers run; or only the layers named
                       ) -> list[TaskVector]:
     "Each task's dense ΔW_i per LoRA layer (keyed by the base weight, as `knots` returns it) and its other entries, for the methods that merge weight matrices (`regmean`)."
     tvs = list(task_vectors)

@@ -17,9 +17,9 @@ from torch.utils._pytree import tree_map
 
 # %% auto #0
 __all__ = ['IMPLS', 'ATTENTION_PATTERNS', 'MLP_PATTERNS', 'linearized_call', 'LinearizedModelWrapper', 'LinearizedLoraLinear',
-           'ClosedFormLoraLinear', 'JvpLoraLinear', 'linearized_layers', 'linearize_lora', 'unlinearize_lora',
-           'linearization_point', 'lora_parameters', 'lora_delta_weights', 'export_lora_adapter', 'plain_lora_model',
-           'linear_layers_only']
+           'ClosedFormLoraLinear', 'JvpLoraLinear', 'linearized_layers', 'lora_layer_names', 'linearize_lora',
+           'unlinearize_lora', 'linearization_point', 'lora_parameters', 'lora_delta_weights', 'export_lora_adapter',
+           'plain_lora_model', 'linear_layers_only']
 
 # %% ../nbs/01_linearize.ipynb #f01a4e7e
 def _add_tangent(out, tangent):
@@ -265,17 +265,33 @@ def _expansion_point(name:str, m:nn.Module, adapters:list[str], init_state:dict|
                              "adapter's `linearization_point`.")
     return point
 
+def lora_layer_names(model:nn.Module) -> list[str]:
+    "The names of `model`'s peft LoRA layers, in the model's order (from the input): the `layers` of `linearize_lora`."
+    return [n for n, _ in _lora_layers(model)]
+
+def _named_layers(found:list, names:Iterable[str]|None) -> list:
+    "The (name, layer) pairs of `found` that `names` asks for (None: all), or a `ValueError` naming what is not there."
+    if names is None: return found
+    names = {names} if isinstance(names, str) else set(names)
+    if not names: raise ValueError("linearize_lora: `layers` is empty: nothing to linearize.")
+    unknown = sorted(names - {n for n, _ in found})
+    if unknown: raise ValueError(f"linearize_lora: {unknown[:3]} are not LoRA layers of the model; "
+                                 f"its LoRA layers (`lora_layer_names`) begin {[n for n, _ in found][:3]}.")
+    return [(n, m) for n, m in found if n in names]
+
 def linearize_lora(model:nn.Module, # a peft LoRA model (`PeftModel`, `LoraModel` or a model with injected LoRA)
                    impl:str="closed_form", # "closed_form" (exact, cheap) or "jvp" (generic, paper Listing 1)
                    init_state:dict[str, torch.Tensor]|None=None, # $\phi_0$ by parameter name (default: current values)
+                   layers:Iterable[str]|None=None, # names of the LoRA layers to linearize (default: all); the others stay plain LoRA
                   ) -> nn.Module:
-    "Replace, in place, every LoRA linear layer's active adapter by its first-order expansion (L-LoRA); all or nothing."
+    "Replace, in place, every (or each named) LoRA linear layer's active adapter by its first-order expansion (L-LoRA); all or nothing."
     if impl not in IMPLS:
         raise ValueError(f"linearize_lora: unknown impl {impl!r}; valid: {sorted(IMPLS)}")
-    layers = _lora_layers(model)
-    if not layers:
+    found = _lora_layers(model)
+    if not found:
         raise ValueError("linearize_lora: nothing was linearized: the model has no peft LoRA layer (LoraLayer). "
                          "Note that since peft 0.7 lora.Linear is not an nn.Linear, so filters on nn.Linear miss it.")
+    layers = _named_layers(found, layers)
     todo = [(name, m, active) for name, m in layers if (active := _check_linearizable(name, m))]
     if not todo:
         raise ValueError("linearize_lora: nothing was linearized: no LoRA layer has an active adapter.")
@@ -350,16 +366,21 @@ def export_lora_adapter(model:nn.Module, # a model linearized by `linearize_lora
         adapter = names[0]
     elif adapter not in names:
         raise ValueError(f"export_lora_adapter: adapter {adapter!r} is not linearized; linearized: {names}.")
-    layers = {n: m for n, m in layers.items() if adapter in m.linearized_adapters}
-    b0_zero = {n: not m.phi0(f"lora_B.{adapter}.weight").any() for n, m in layers.items()}
-    doubled = not all(b0_zero.values())
+    lin = {n for n, m in layers.items() if adapter in m.linearized_adapters}
+    layers = {n: m for n, m in _lora_layers(model) if adapter in m.lora_A}  # partial linearization: plain layers too
+    plain = [n for n, m in layers.items() if n not in lin and type(m) is not _LoraLinear]
+    if plain: raise ValueError(f"export_lora_adapter: {plain[:3]} hold adapter {adapter!r} unlinearized and are not "
+                               "lora.Linear layers; only those are exported.")
+    doubled = any(layers[n].phi0(f"lora_B.{adapter}.weight").any() for n in lin)
     sd, ranks, scaling = {}, {}, {}
     for n, m in layers.items():
         A, lora_B = m.lora_A[adapter].weight.detach(), m.lora_B[adapter]
         B = lora_B.weight.detach()
-        A0, B0 = m.phi0(f"lora_A.{adapter}.weight"), m.phi0(f"lora_B.{adapter}.weight")
-        if doubled: A_new, B_new = torch.cat([A0, A - A0], 0), torch.cat([B, B0], 1)
-        else: A_new, B_new = A0, B
+        if n not in lin: A_new, B_new = A, B  # a plain LoRA layer of a partially linearized model: itself
+        elif doubled:
+            A0, B0 = m.phi0(f"lora_A.{adapter}.weight"), m.phi0(f"lora_B.{adapter}.weight")
+            A_new, B_new = torch.cat([A0, A - A0], 0), torch.cat([B, B0], 1)
+        else: A_new, B_new = m.phi0(f"lora_A.{adapter}.weight"), B
         sd[f"{n}.lora_A.{adapter}.weight"] = A_new.clone()
         sd[f"{n}.lora_B.{adapter}.weight"] = B_new.clone()
         if lora_B.bias is not None: sd[f"{n}.lora_B.{adapter}.bias"] = lora_B.bias.detach().clone()

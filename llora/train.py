@@ -15,16 +15,16 @@ from torch import nn
 from .core import (atomic_dir, cache_dir, check_finite, file_lock, file_sha256, get_device, load_tensors,
                         progress, save_tensors, seed_everything)
 from .linearize import (ATTENTION_PATTERNS, MLP_PATTERNS, LinearizedModelWrapper, export_lora_adapter,
-                             linear_layers_only, linearize_lora, lora_parameters)
+                             linear_layers_only, linearize_lora, linearized_layers, lora_layer_names, lora_parameters)
 from .data import example_loader
 from .models import MODELS, TaskModel, as_examples, get_model
 
 # %% auto #0
 __all__ = ['LINEAR_ONLY_MODES', 'LORA_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw',
            'model_options', 'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model',
-           'prepare', 'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError', 'checkpoint_dir',
-           'load_meta', 'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all', 'resolve_task', 'train',
-           'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
+           'first_lora_layers', 'prepare', 'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError',
+           'checkpoint_dir', 'load_meta', 'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all',
+           'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
 LINEAR_ONLY_MODES = {  # mode -> (parameter patterns, train their biases too): the ablation of Jin et al.'s Table 2
@@ -174,6 +174,17 @@ def base_model(name:str, # a key of `llora.models.MODELS`
 def _set_trainable(module:nn.Module, flag:bool):
     for p in module.parameters(): p.requires_grad_(flag)
 
+def first_lora_layers(model:nn.Module, # a model holding peft LoRA layers
+                      fraction:float, # in (0, 1]: the share of LoRA layers
+                     ) -> list[str]:
+    "The first round(fraction · n) of the n LoRA layers of `model`, in its order from the input: what `prepare(..., linearize=fraction)` linearizes."
+    names = lora_layer_names(model)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"linearize must be a fraction in (0, 1] of the LoRA layers, got {fraction!r}")
+    k = round(fraction * len(names))
+    if k == 0: raise ValueError(f"linearize={fraction} of {len(names)} LoRA layers rounds to none; use at least {1 / len(names):.3g}")
+    return names[:k]
+
 def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modified in place)
             mode:str, # one of `MODES`
             tiny:bool=False, # tiny random configuration (when `model` is a name)
@@ -181,7 +192,7 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
             model_kw:dict|None=None, # passed to `get_model` (e.g. `dict(max_length=64)`)
             freeze_lora_a:bool=True, # l_lora: freeze $A$ (its gradient is exactly 0 when $B_0=0$)
             device:str|torch.device|None="auto", # where the model is built (`resolve_device`); θ0 is recorded there
-            **lora_kw, # `r`, `alpha`, `dropout`, `targets` for `TaskModel.add_lora`
+            **lora_kw, # `r`, `alpha`, `dropout`, `targets` for `TaskModel.add_lora`; l_lora: `linearize` (`first_lora_layers`)
            ) -> TaskModel:
     "The model in its $\\theta_0$ state for `mode`: exactly the trainable parameters are the task-vector space."
     _check_mode(mode)
@@ -189,18 +200,21 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
     elif isinstance(model, TaskModel): m = model.to(resolve_device(device))
     else: raise TypeError(f"prepare: model must be a registry name or a TaskModel, got {type(model).__name__}")
     if getattr(m, "llora_mode", None) is not None: raise ValueError(f"prepare: the model is already prepared ({m.llora_mode}).")
-    bad = [k for k in lora_kw if k not in ("r", "alpha", "dropout", "targets")]
-    if bad: raise ValueError(f"prepare: unknown LoRA option(s) {bad}; valid: r, alpha, dropout, targets")
+    bad = [k for k in lora_kw if k not in ("r", "alpha", "dropout", "targets", "linearize")]
+    if bad: raise ValueError(f"prepare: unknown LoRA option(s) {bad}; valid: r, alpha, dropout, targets, linearize")
     if lora_kw and mode not in LORA_MODES: raise ValueError(f"prepare: LoRA options {sorted(lora_kw)} given for mode {mode!r}")
+    if "linearize" in lora_kw and mode != "l_lora":
+        raise ValueError(f"prepare: `linearize` (the share of LoRA layers linearized) is an l_lora option, not one of {mode!r}")
     if mode == "full":
         _set_trainable(m.backbone, True)
     elif mode in LORA_MODES:
-        m.add_lora(seed=seed, **lora_kw)
+        m.add_lora(seed=seed, **{k: v for k, v in lora_kw.items() if k != "linearize"})
         if mode == "l_lora":
-            linearize_lora(m.backbone, impl="closed_form")
-            if freeze_lora_a:
+            linearize_lora(m.backbone, impl="closed_form", layers=first_lora_layers(m.backbone, lora_kw.get("linearize", 1)))
+            if freeze_lora_a:  # A of the linearized layers; the plain ones (partial linearization) train A as LoRA does
+                lin = linearized_layers(m.backbone)
                 for n, p in lora_parameters(m.backbone).items():
-                    if ".lora_A." in n: p.requires_grad_(False)
+                    if ".lora_A." in n and n.split(".lora_A.")[0] in lin: p.requires_grad_(False)
     elif mode == "ntk":
         if getattr(m, "family", "") == "t5":
             raise ValueError("prepare: mode 'ntk' is not supported for text-to-text models (T5's loss and `generate` "
@@ -606,7 +620,9 @@ def check_fits(ckpt_dir:str|Path, # a checkpoint folder written by `finetune`
         if a != b: diffs.append(f"{what}: checkpoint {a!r}, model {b!r}")
     differ("model", cfg.get("model"), getattr(model, "name", None))
     differ("mode", cfg.get("mode"), getattr(model, "llora_mode", None))
-    if cfg.get("mode") == "l_lora": differ("seed", cfg.get("seed"), getattr(model, "llora_seed", None))  # A0 is not saved
+    if cfg.get("mode") == "l_lora":
+        differ("seed", cfg.get("seed"), getattr(model, "llora_seed", None))  # A0 is not saved
+        differ("linearize", (cfg.get("lora") or {}).get("linearize", 1), getattr(model, "llora_lora_kw", {}).get("linearize", 1))
     lora_cfg = getattr(model, "lora_config", None)
     theirs, ours = _lora_signature(meta.get("lora_config")), _lora_signature(_jsonable(lora_cfg.to_dict()) if lora_cfg else None)
     for k in theirs.keys() & ours.keys(): differ(k, theirs[k], ours[k])

@@ -141,3 +141,30 @@ def test_concrete_methods_run_on_a_model(mode):
     assert all(torch.isfinite(v).all() for v in merged.values())
     merged, lam, mask = fuse("concrete_adamerging", tvs, objective=ctx.entropy, steps=3, ada_steps=3, lr=0.1)
     assert lam.shape == (2,) and all(torch.isfinite(v).all() for v in merged.values())
+
+
+@pytest.mark.parametrize("share", [0.5, 1])
+def test_lora_delta_space_follows_each_layer_of_a_partially_linearized_model(share):
+    """Partial linearization (`prepare(..., linearize=)`): the ΔW the LoRA-native merges see is, layer by layer, the one
+    the model runs: first order in the linearized layers, s·B·A in the plain ones (whose A moved too)."""
+    from llora.context import lora_delta_space, lora_space
+    from llora.evaluate import applied
+    from llora.fusion import lora_delta_vectors
+    from llora.linearize import linearized_layers, lora_delta_weights
+    m = prepare("minilm-l6", "l_lora", tiny=True, linearize=share)
+    tvs = random_tvs(m, scale=0.3)
+    assert any(".lora_A." in k for k in tvs[0]) == (share < 1)  # the plain layers' A is trainable
+    vecs = lora_delta_space(m, tvs)
+    with applied(m, tvs[0], fold_lora=False):
+        ran = lora_delta_weights(m.backbone)
+    assert len(ran) == 4 and len(linearized_layers(m.backbone)) == round(4 * share)
+    for layer, dw in ran.items():
+        key = next(k for k in vecs[0] if k.endswith(layer + ".base_layer.weight"))
+        torch.testing.assert_close(vecs[0][key], dw, rtol=1e-4, atol=1e-6)
+    factors, kw = lora_space(m, tvs)
+    assert (kw["linearized"] is True) == (share == 1)
+    if share < 1:  # treating every layer as linearized would be wrong for the plain ones
+        wrong = lora_delta_vectors(factors, **{**kw, "linearized": True})[0]
+        assert any(not torch.allclose(wrong[k], vecs[0][k]) for k in vecs[0] if k.endswith("base_layer.weight"))
+        with pytest.raises(ValueError, match="not LoRA layers"):
+            lora_delta_vectors(factors, **{**kw, "linearized": {"backbone.nope.default"}})
