@@ -137,3 +137,35 @@ def test_regime_grid_is_written_before_any_training(tmp_path, monkeypatch):
     assert g.lr_lora.tolist()[:3] == pytest.approx([1e-3, 3e-3, 9e-3], rel=1e-5)
     assert g.lr_l_lora.tolist()[:3] == pytest.approx([2e-3, 6e-3, 1.8e-2], rel=1e-5)
     assert ns["cfg"]["methods"] == ("task_arithmetic", "ties") and not (tmp_path / "ck").exists()
+
+
+# ---------------------------------------------------------------- exp_degree's parameters
+BAD_DEGREE_PARAMETERS = [
+    (dict(degrees="0.5,1"), "`degrees` must list distinct shares strictly between 0 and 1"),
+    (dict(degrees="half"), "`degrees` must list"),
+    (dict(degrees="0.5,0.5"), "`degrees` must list distinct"),
+    (dict(grid_points="25"), "`grid_points` must list distinct steps:factor pairs"),
+    (dict(grid_points="25:3,25:3"), "`grid_points` must list distinct"),
+    (dict(grid_points="25:0"), "`grid_points` must list"),
+    (dict(methods="tie"), "valid: simple_average"),
+    (dict(profile="papr"), "valid: embedded, paper, smoke"),
+]
+
+
+@pytest.mark.parametrize("params, message", BAD_DEGREE_PARAMETERS, ids=lambda x: str(x)[:30])
+def test_degree_notebook_rejects_bad_parameters_before_anything_runs(tmp_path, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run_notebook_setup("exp_degree", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"), **params)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
+
+
+def test_degree_design_trains_every_degree_at_l_loras_rate(tmp_path, monkeypatch):
+    "The design: degrees 0 (LoRA), the given shares and 1 (L-LoRA) per point, every one at the preset's L-LoRA rate × factor."
+    import pandas as pd
+    import llora.sweep as S
+    monkeypatch.setattr(S, "check_available", lambda cfg, **kw: None)
+    run_notebook_setup("exp_degree", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"))
+    d = pd.read_csv(tmp_path / "out" / "design.csv")
+    assert d.degree.round(3).tolist() == [0, 0.333, 0.667, 1] * 2 and d["mode"].tolist() == ["lora"] + ["l_lora"] * 3 + ["lora"] + ["l_lora"] * 3
+    assert d.lr.tolist() == pytest.approx([1.8e-2] * 4 + [6e-3] * 4, rel=1e-6) and set(d.point) == {"s25_lr3", "s50_lr1"}
+    assert not (tmp_path / "ck").exists()
