@@ -133,7 +133,7 @@ def lora_space(model, # a `prepare`d LoRA or L-LoRA model, holding θ0
     t0 = theta0(model)
     point = {k: t0.get(k, v) for k, v in point.items()}  # θ0 even inside `applied`
     lin = {f"{n}.{a}" for n, m in linearized_layers(model).items() for a in m.linearized_adapters}  # `<m>.<adapter>`, as `scale`
-    return [lora_factors(tv, point) for tv in tvs], dict(scale=scale, point=point, linearized=lin == set(scale) or lin)
+    return [lora_factors(tv, point) for tv in tvs], dict(scale=scale, point=point, linearized=lin)
 
 def lora_delta_space(model, # a `prepare`d LoRA or L-LoRA model, holding θ0
                      tvs:Sequence[Mapping], # its task vectors (LoRA factors)
