@@ -220,3 +220,16 @@ def test_notebook_setup_resolves_the_paper_profile(tmp_path):
         assert cfg["tasks"][0] == "glue-cola" and len(cfg["tasks"]) == 7 and cfg["preset"] == "flan-t5-paper"
         assert cfg["train_overrides"] == {"steps": 7} and cfg["model_kw"] == {"pretrained": "/w/flan"}
     assert fu["cfg"]["modes"] == ("full", "lora", "l_lora") and len(checked) == 2
+
+
+def test_exp_fusion_runs_to_the_end_with_modes_besides_lora(tmp_path):
+    "`-p modes ia3,l_ia3`: every cell runs, the figures included (the curves' figure once asked for LoRA modes only)."
+    import subprocess, sys
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "papermill", "exp_fusion.ipynb", str(tmp_path / "run.ipynb"), "-k", "python3",
+                        "-p", "profile", "smoke", "-p", "modes", "ia3,l_ia3", "-p", "method", "task_arithmetic",
+                        "-p", "out_dir", str(out), "-p", "ckpt_root", str(tmp_path / "ck")], cwd=ROOT / "nbs",
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "LLORA_PROGRESS": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    import pandas as pd
+    assert set(pd.read_csv(out / "best.csv").finetune_mode) == {"ia3", "l_ia3"} and (out / "normalized_vs_tasks.png").exists()
