@@ -226,6 +226,19 @@ class TaskModel(nn.Module):
         self.lora_config = cfg
         return self
 
+    def add_ia3(self,
+                targets:list[str]|None=None, # target module names (default `lora_targets`): each output is scaled by a learned vector
+               ) -> "TaskModel":
+        "Wrap `.backbone` with a peft (IA)³ adapter (in place; its vectors start at 1); returns `self`."
+        from peft import IA3Config, PeftModel, get_peft_model
+        if isinstance(self.backbone, PeftModel): raise RuntimeError(f"{self.name}: a peft adapter was already added.")
+        cfg = IA3Config(target_modules=list(self.lora_targets if targets is None else targets), feedforward_modules=[],
+                        task_type=self.peft_task_type)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.backbone = get_peft_model(self.backbone, cfg)
+        return self
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         "The trainable parameters (detached), by their names in `self.named_parameters()` (`backbone.` prefix)."
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -551,13 +551,13 @@ def compare_table5(ours:pd.DataFrame, # our `table5` (CLIP)
     return m
 
 # %% ../nbs/05_results.ipynb #e61af78a
-MODE_LABELS = {"standard": "full fine-tuning", "lora": "LoRA", "l_lora": "L-LoRA"}
+MODE_LABELS = {"standard": "full fine-tuning", "lora": "LoRA", "l_lora": "L-LoRA", "ia3": "(IA)³", "l_ia3": "L-(IA)³"}
 METHOD_LABELS = {"simple_average": "Simple Average", "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging",
                  "lorahub": "LoraHub", "dare": "DARE", "dare_ties": "DARE-TIES", "tsv_m": "TSV-M", "iso_c": "Iso-C",
                  "iso_cts": "Iso-CTS", "knots": "KnOTS", "core_space": "Core Space", "fisher": "Fisher",
                  "regmean": "RegMean", "adamerging": "AdaMerging", "concrete_task_arithmetic": "Concrete TA",
                  "concrete_adamerging": "Concrete AdaMerging"}  # the paper's four first, then the order of `ALL_METHODS`
-PALETTE = {"full fine-tuning": "tab:gray", "LoRA": "tab:blue", "L-LoRA": "tab:red"}
+PALETTE = {"full fine-tuning": "tab:gray", "LoRA": "tab:blue", "L-LoRA": "tab:red", "(IA)³": "tab:green", "L-(IA)³": "tab:orange"}
 
 def _methods_in(d): return [m for m in METHOD_LABELS if m in set(d["method"])] + sorted(set(d["method"]) - set(METHOD_LABELS))
 

@@ -20,11 +20,12 @@ from .data import example_loader
 from .models import MODELS, TaskModel, as_examples, get_model
 
 # %% auto #0
-__all__ = ['LINEAR_ONLY_MODES', 'LORA_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT', 'preset_model_kw',
-           'model_options', 'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast', 'grad_scaler', 'base_model',
-           'first_lora_layers', 'prepare', 'theta0', 'make_optimizer', 'lr_factor', 'make_scheduler', 'CheckpointError',
-           'checkpoint_dir', 'load_meta', 'load_trainable', 'verify_checkpoint', 'save_adapter', 'wait_for_all',
-           'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune', 'check_fits', 'load_finetuned']
+__all__ = ['LINEAR_ONLY_MODES', 'LORA_MODES', 'IA3_MODES', 'MODES', 'PRESETS', 'MIXED_PRECISION', 'CHECKPOINT_FORMAT',
+           'preset_model_kw', 'model_options', 'resolve_hparams', 'resolve_device', 'amp_dtype', 'autocast',
+           'grad_scaler', 'base_model', 'first_lora_layers', 'prepare', 'theta0', 'make_optimizer', 'lr_factor',
+           'make_scheduler', 'CheckpointError', 'checkpoint_dir', 'load_meta', 'load_trainable', 'verify_checkpoint',
+           'save_adapter', 'wait_for_all', 'resolve_task', 'train', 'config_diff', 'checkpoint_model_kw', 'finetune',
+           'check_fits', 'load_finetuned']
 
 # %% ../nbs/08_train.ipynb #b3826eba
 LINEAR_ONLY_MODES = {  # mode -> (parameter patterns, train their biases too): the ablation of Jin et al.'s Table 2
@@ -34,7 +35,8 @@ LINEAR_ONLY_MODES = {  # mode -> (parameter patterns, train their biases too): t
     "linear_all_bias": (ATTENTION_PATTERNS + MLP_PATTERNS, True),   # + their biases
 }
 LORA_MODES = ("lora", "l_lora")  # the modes whose task vectors are LoRA factors
-MODES = ("full", *LORA_MODES, "ntk", *LINEAR_ONLY_MODES)
+IA3_MODES = ("ia3", "l_ia3")  # (IA)³ and its partial linearization (the generic wrapper over the (IA)³ vectors only)
+MODES = ("full", *LORA_MODES, "ntk", *LINEAR_ONLY_MODES, *IA3_MODES)
 
 PRESETS = {
     "clip-paper": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, scheduler="cosine", warmup_steps=600,
@@ -43,7 +45,8 @@ PRESETS = {
                           steps=2000, batch_size=16, max_grad_norm=None,
                           lr_grid={"full": (1e-5, 2e-5), "default": (1e-5, 2e-5, 3e-5, 4e-5)}),
     "embedded": dict(optimizer="adamw", lr={"full": 1e-4, "ntk": 1e-4, "l_lora": 6e-3, "default": 3e-3,
-                                            **{m: 1e-4 for m in LINEAR_ONLY_MODES}},
+                                            **{m: 1e-4 for m in LINEAR_ONLY_MODES},
+                                            **{m: 1e-2 for m in IA3_MODES}},  # vectors at 1: 3e-3 × 50 steps moves them ≤ 0.15
                      weight_decay=0.0, scheduler="cosine", warmup_steps=5, steps=50, batch_size=16,
                      max_grad_norm=1.0, max_length=32),
     "tiny": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, scheduler="constant", warmup_steps=0, steps=2,
@@ -215,12 +218,15 @@ def prepare(model:str|TaskModel, # registry name or a fresh `TaskModel` (modifie
                 lin = linearized_layers(m.backbone)
                 for n, p in lora_parameters(m.backbone).items():
                     if ".lora_A." in n and n.split(".lora_A.")[0] in lin: p.requires_grad_(False)
+    elif mode in ("ntk", "l_ia3") and getattr(m, "family", "") == "t5":
+        raise ValueError(f"prepare: mode {mode!r} is not supported for text-to-text models (T5's loss and `generate` "
+                         "run inside the model, not on the linearized outputs); use full, lora, l_lora, ia3 or linear_only.")
     elif mode == "ntk":
-        if getattr(m, "family", "") == "t5":
-            raise ValueError("prepare: mode 'ntk' is not supported for text-to-text models (T5's loss and `generate` "
-                             "run inside the model, not on the linearized outputs); use full, lora, l_lora or linear_only.")
         _set_trainable(m.backbone, True)
         m.backbone = LinearizedModelWrapper(m.backbone)
+    elif mode in IA3_MODES:
+        m.add_ia3()
+        if mode == "l_ia3": m.backbone = LinearizedModelWrapper(m.backbone)  # first order in the (IA)³ vectors only
     elif mode in LINEAR_ONLY_MODES:
         patterns, bias = LINEAR_ONLY_MODES[mode]
         linear_layers_only(m.backbone, patterns, bias=bias)

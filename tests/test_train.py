@@ -26,7 +26,8 @@ def backbone_params(name):
 
 
 def test_presets_and_modes():
-    assert MODES == ("full", "lora", "l_lora", "ntk", "linear_only", "linear_only_bias", "linear_all", "linear_all_bias")
+    assert MODES == ("full", "lora", "l_lora", "ntk", "linear_only", "linear_only_bias", "linear_all", "linear_all_bias",
+                     "ia3", "l_ia3")
     assert {"clip-paper", "flan-t5-paper", "embedded", "tiny"} <= set(PRESETS)
     clip = resolve_hparams("clip-paper", "lora")
     assert (clip["optimizer"], clip["lr"], clip["weight_decay"], clip["scheduler"], clip["warmup_steps"],
@@ -53,8 +54,8 @@ def test_lr_schedules():
 def test_prepare_trainable_parameters(name):
     full = backbone_params(name)
     for mode in MODES:
-        if mode == "ntk" and name == "flan-t5-base":
-            with pytest.raises(ValueError, match="ntk"): prepare(name, mode, tiny=True)
+        if mode in ("ntk", "l_ia3") and name == "flan-t5-base":
+            with pytest.raises(ValueError, match=mode): prepare(name, mode, tiny=True)
             continue
         m = prepare(name, mode, tiny=True)
         names = set(m.trainable_state_dict())
@@ -69,6 +70,8 @@ def test_prepare_trainable_parameters(name):
         elif mode in ("linear_only", "linear_all"):
             assert names < full and all(n.endswith("weight") for n in names)
         elif mode in ("linear_only_bias", "linear_all_bias"): assert names < full
+        elif mode == "ia3": assert names and all(".ia3_l." in n for n in names)
+        elif mode == "l_ia3": assert names and all(n.startswith("backbone.model.") and ".ia3_l." in n for n in names)
         assert m.llora_mode == mode
 
 
