@@ -119,13 +119,6 @@ BAD_REGIME_PARAMETERS = [
 ]
 
 
-@pytest.mark.parametrize("params, message", BAD_REGIME_PARAMETERS, ids=lambda x: str(x)[:30])
-def test_regime_notebook_rejects_bad_parameters_before_anything_runs(tmp_path, params, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        run_notebook_setup("exp_regime", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"), **params)
-    assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
-
-
 def test_regime_grid_is_written_before_any_training(tmp_path, monkeypatch):
     "The setup cell resolves the grid (lr = the preset's rate of each mode × factor) and writes grid.csv; nothing is trained."
     import pandas as pd
@@ -152,10 +145,11 @@ BAD_DEGREE_PARAMETERS = [
 ]
 
 
-@pytest.mark.parametrize("params, message", BAD_DEGREE_PARAMETERS, ids=lambda x: str(x)[:30])
-def test_degree_notebook_rejects_bad_parameters_before_anything_runs(tmp_path, params, message):
+@pytest.mark.parametrize("notebook, params, message", [("exp_regime", *b) for b in BAD_REGIME_PARAMETERS]
+                         + [("exp_degree", *b) for b in BAD_DEGREE_PARAMETERS], ids=lambda x: str(x)[:30])
+def test_notebook_rejects_bad_parameters_before_anything_runs(tmp_path, notebook, params, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        run_notebook_setup("exp_degree", out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"), **params)
+        run_notebook_setup(notebook, out_dir=str(tmp_path / "out"), ckpt_root=str(tmp_path / "ck"), **params)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
 
 
