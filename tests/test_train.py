@@ -187,3 +187,28 @@ def test_linear_only_ablation_selects_exactly_the_named_parameters(name):
     assert not any(re.search(r"(embed|norm|LayerNorm|ln_|pooler|conv1|patch)", n) for n in every_b)
     if name == "flan-t5-base": assert qkvo_b == qkvo and every_b == every  # T5 has no biases
     else: assert qkvo_b - qkvo and every_b - every
+
+
+def test_l_ia3_is_the_first_order_of_ia3_in_its_vectors():
+    """At θ0 (IA)³ and L-(IA)³ are the base model; L-(IA)³'s backbone (what the wrapper expands: the head's pooling and
+    normalization come after it) is affine in the (IA)³ vectors, twice the move giving twice the change, and agrees with
+    (IA)³ to first order (a tiny move), while (IA)³ itself is not affine."""
+    from llora.evaluate import applied
+    (ia3, lin), base = (prepare("minilm-l6", m, tiny=True) for m in ("ia3", "l_ia3")), base_model("minilm-l6", tiny=True)
+    batch = base.preprocess(TOY, EXAMPLES)
+    def out(m):
+        m.eval()
+        with torch.no_grad():
+            return m.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state.double()
+    for m in (ia3, lin): torch.testing.assert_close(out(m), out(base), rtol=1e-5, atol=1e-5)  # float32 outputs
+    g = torch.Generator().manual_seed(0)
+    tv_plain = {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in theta0(ia3).items()}
+    tv_lin = {k.replace("backbone.", "backbone.model.", 1): v for k, v in tv_plain.items()}
+    assert set(tv_lin) == set(theta0(lin))
+    def change(m, tv, s):
+        with applied(m, tv, scaling=s): return out(m) - out(base)
+    def curvature(m, tv):  # ‖f(2τ) − 2 f(τ) + f(0)‖ / ‖f(τ) − f(0)‖: 0 exactly when f is affine along τ
+        return float((change(m, tv, 2.0) - 2 * change(m, tv, 1.0)).norm() / change(m, tv, 1.0).norm())
+    flat, curved = curvature(lin, tv_lin), curvature(ia3, tv_plain)  # measured: about 1e-5 (float32 rounding) and 1e-2
+    assert flat < 1e-4 and curved > 100 * flat, (flat, curved)
+    torch.testing.assert_close(change(lin, tv_lin, 1e-3), change(ia3, tv_plain, 1e-3), rtol=1e-2, atol=1e-5)
