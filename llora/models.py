@@ -213,16 +213,13 @@ class TaskModel(nn.Module):
                  seed:int|None=42, # seed of $A_0$ (None: use the global generator as is)
                 ) -> "TaskModel":
         "Wrap `.backbone` with a peft LoRA adapter (in place); returns `self`."
-        from peft import LoraConfig, get_peft_model
-        if self.lora_config is not None: raise RuntimeError(f"{self.name}: LoRA was already added.")
+        from peft import LoraConfig
         d = self.lora_defaults
         cfg = LoraConfig(r=d["r"] if r is None else r, lora_alpha=d["alpha"] if alpha is None else alpha,
                          lora_dropout=d["dropout"] if dropout is None else dropout,
                          target_modules=list(self.lora_targets if targets is None else targets), bias="none",
                          task_type=self.peft_task_type)
-        with _seeded(seed), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.backbone = get_peft_model(self.backbone, cfg)
+        self._add_peft(cfg, seed)
         self.lora_config = cfg
         return self
 
@@ -230,14 +227,18 @@ class TaskModel(nn.Module):
                 targets:list[str]|None=None, # target module names (default `lora_targets`): each output is scaled by a learned vector
                ) -> "TaskModel":
         "Wrap `.backbone` with a peft (IA)³ adapter (in place; its vectors start at 1); returns `self`."
-        from peft import IA3Config, PeftModel, get_peft_model
+        from peft import IA3Config
+        self._add_peft(IA3Config(target_modules=list(self.lora_targets if targets is None else targets),
+                                 feedforward_modules=[], task_type=self.peft_task_type), seed=None)
+        return self
+
+    def _add_peft(self, cfg, seed:int|None):
+        "Wrap `.backbone` with the peft adapter `cfg`, its random initialization drawn under `seed`; one adapter per model."
+        from peft import PeftModel, get_peft_model
         if isinstance(self.backbone, PeftModel): raise RuntimeError(f"{self.name}: a peft adapter was already added.")
-        cfg = IA3Config(target_modules=list(self.lora_targets if targets is None else targets), feedforward_modules=[],
-                        task_type=self.peft_task_type)
-        with warnings.catch_warnings():
+        with _seeded(seed), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             self.backbone = get_peft_model(self.backbone, cfg)
-        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         "The trainable parameters (detached), by their names in `self.named_parameters()` (`backbone.` prefix)."
