@@ -22,8 +22,8 @@ __all__ = ['FORWARDED_ENV', 'EXECUTORS', 'RESULT_MODES', 'SPLITS', 'DATA_DRIVEN'
            'canonical_json', 'key_hash', 'ShardStore', 'run_sweep', 'result_mode', 'sample_subsets', 'vectors_device',
            'FusionSetup', 'SingleUnit', 'single_unit', 'mean_normalized', 'FusionUnit', 'merge_inputs', 'lora_native',
            'fusion_unit', 'FinetuneJob', 'finetune_job', 'ensure_checkpoints', 'SweepResult', 'split_examples',
-           'run_fusion_sweep', 'aggregate_sweep', 'int_param', 'resolve_setup', 'resolve_profile', 'parse_pairs',
-           'profile_models', 'MissingInputsError', 'check_available']
+           'single_key', 'fusion_units', 'merge_all_tasks', 'run_fusion_sweep', 'aggregate_sweep', 'int_param',
+           'resolve_setup', 'resolve_profile', 'parse_pairs', 'profile_models', 'MissingInputsError', 'check_available']
 
 # %% ../nbs/10_sweep.ipynb #71da27ac
 def subsets(tasks:Sequence[str], # the tasks, in the order used to name subsets
@@ -620,6 +620,30 @@ def _grid(method:str, grids:dict|None) -> list[dict]:
     else: g = [{}]
     return list(g) or [{}]
 
+def single_key(u:SingleUnit) -> dict:
+    "The shard key of a single-task unit."
+    return dict(kind="single", **u.setup.key(), task=u.task, splits=list(u.splits))
+
+def fusion_units(setup:FusionSetup, methods:Sequence[str], subsets:Sequence[tuple], # what merges which tasks
+                 grids:dict|None, select_on:str, refs:str, # grids (None: `HPARAM_GRIDS`); the selection split; references as JSON
+                 method_kwargs:dict|None=None, # method -> fixed keyword arguments
+                ) -> list[FusionUnit]:
+    "One `FusionUnit` per method and subset of `setup`, in that order."
+    return [FusionUnit(setup, me, sub, tuple(canonical_json(h) for h in _grid(me, grids)), select_on, refs,
+                       canonical_json((method_kwargs or {}).get(me, {}))) for me in methods for sub in subsets]
+
+def merge_all_tasks(setup:FusionSetup, # one mode's checkpoints
+                    methods:Sequence[str], store:ShardStore, # the methods merging all of `setup.tasks`; where the units go
+                    grids:dict|None=None, select_on:str="validation", method_kwargs:dict|None=None, # as `run_fusion_sweep`
+                   ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    "`setup`'s single-task rows, its references {split: {task: score}}, and each method's merge of all its tasks (resumable units)."
+    splits = ("test",) if select_on == "test" else SPLITS
+    single = run_sweep(single_unit, [SingleUnit(setup, t, splits) for t in setup.tasks], store, key=single_key)
+    fin = single[single.step > 0]
+    refs = {sp: {r.task: r.score for r in fin[fin.split == sp].itertuples()} for sp in splits}
+    units = fusion_units(setup, methods, [tuple(setup.tasks)], grids, select_on, json.dumps(refs), method_kwargs)
+    return single, refs, run_sweep(fusion_unit, units, store, key=lambda u: u.key())
+
 def run_fusion_sweep(model:str, # `llora.models` registry name
                      modes:Sequence[str], # fine-tuning modes, e.g. ("lora", "l_lora")
                      methods:Sequence[str], # fusion methods, e.g. ("ties",)
@@ -675,8 +699,7 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
     # 1. single-task references (and θ0), one unit per (mode, task)
     t1 = time.perf_counter()
     units = [SingleUnit(setups[m], t, splits) for m in modes for t in tasks]
-    ukey = lambda u: dict(kind="single", **u.setup.key(), task=u.task, splits=list(u.splits))
-    single = run_sweep(single_unit, units, store, key=ukey, executor=ex, desc="single-task scores")
+    single = run_sweep(single_unit, units, store, key=single_key, executor=ex, desc="single-task scores")
     secs["single"] = time.perf_counter() - t1
     # 2. the fusion units
     t2 = time.perf_counter()
@@ -686,9 +709,8 @@ def run_fusion_sweep(model:str, # `llora.models` registry name
     subs = sample_subsets(tasks, max_tasks, subsets_per_size, subset_seed)
     skip = [(m, me) for m in modes for me in methods if me in LORA_FACTOR_METHODS and m not in LORA_MODES]
     if skip: print(f"skipped (LoRA-native methods, non-LoRA modes): {', '.join(f'{me} on {m}' for m, me in skip)}")
-    fus = [FusionUnit(setups[m], me, sub, tuple(canonical_json(h) for h in _grid(me, grids)), select_on, refs[m],
-                      canonical_json((method_kwargs or {}).get(me, {})))
-           for m in modes for me in methods if (m, me) not in skip for sub in subs]
+    fus = [u for m in modes for u in fusion_units(setups[m], [me for me in methods if (m, me) not in skip], subs, grids,
+                                                  select_on, refs[m], method_kwargs)]
     results = run_sweep(fusion_unit, fus, store, key=lambda u: u.key(), executor=ex, desc="fusion")
     secs["fusion"] = time.perf_counter() - t2
     results, examples = split_examples(results)
